@@ -1,0 +1,1 @@
+"""Loss functions for preference optimisation and RL from feedback."""

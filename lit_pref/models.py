@@ -1,0 +1,97 @@
+"""Load the networks a module holds: policy, reference, reward, value; PEFT wrapping."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(source: str | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A tokenizer from a hub id or local path (or as given), with a pad token guaranteed.
+
+    A tokenizer without a pad token gets EOS as its pad token, with a warning: the data pipeline
+    masks by length, never by ``ids != pad``, so EOS stays a real label.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(source) if isinstance(source, str) else source
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer {tokenizer.name_or_path!r} has neither a pad nor an EOS token")
+        warnings.warn(
+            f"the tokenizer {tokenizer.name_or_path!r} has no pad token; using its EOS token "
+            f"{tokenizer.eos_token!r} for padding",
+            stacklevel=2,
+        )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    source: str | PreTrainedModel,
+    dtype: str = "auto",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """A causal LM from a hub id or local path; a model object is returned as is."""
+    if not isinstance(source, str):
+        return source
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0: preference losses compare two forward passes."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Freeze ``model`` in eval mode (a reference or reward network)."""
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def apply_lora(model: PreTrainedModel, peft_config: dict[str, Any], adapter_name: str = "default") -> Any:
+    """Wrap ``model`` with a new LoRA adapter described by ``peft_config`` (``LoraConfig`` fields)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = dict(peft_config)
+    config.setdefault("task_type", "CAUSAL_LM")
+    return get_peft_model(model, LoraConfig(**config), adapter_name=adapter_name)
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def is_adapter_dir(source: object) -> bool:
+    """Whether ``source`` is a local directory holding a PEFT adapter."""
+    return isinstance(source, str) and (Path(source) / "adapter_config.json").is_file()
+
+
+def load_adapter_model(
+    source: str, dtype: str = "auto", attn_implementation: str | None = None, trainable: bool = True
+) -> Any:
+    """The base model named in an adapter directory, with that adapter loaded as ``default``."""
+    from peft import PeftConfig, PeftModel
+
+    base = load_causal_lm(PeftConfig.from_pretrained(source).base_model_name_or_path, dtype, attn_implementation)
+    return PeftModel.from_pretrained(base, source, adapter_name="default", is_trainable=trainable)

@@ -1,0 +1,214 @@
+"""The plumbing every algorithm shares: loading the policy, optimizers, metrics, export."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from lightning import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lit_pref.metrics import MetricGroup
+from lit_pref.models import (
+    apply_lora,
+    disable_dropout,
+    is_adapter_dir,
+    is_peft_model,
+    load_adapter_model,
+    load_causal_lm,
+    load_tokenizer,
+)
+from lit_pref.ops import completion_logps
+from lit_pref.types import CompletionLogps
+
+log = logging.getLogger(__name__)
+
+
+class AlignmentModule(LightningModule):
+    """Base of every lit_pref module: a trainable policy plus what all algorithms need.
+
+    Subclasses set ``data_target`` (the data shape they train on) and implement
+    ``training_step`` / ``validation_step``; they add their other networks in ``configure_model``.
+
+    Args:
+        model_name_or_path: the policy: a hub id, a local directory, or a model object.
+        tokenizer_name_or_path: the tokenizer, when it differs from ``model_name_or_path``.
+        dtype: weight dtype when loading (``auto``, ``float32``, ``bfloat16``, ``float16``).
+        attn_implementation: ``eager``, ``sdpa``, ``flash_attention_2``… (``None``: the model's default).
+        peft: LoRA settings (``peft.LoraConfig`` fields, e.g. ``{r: 16, lora_alpha: 32,
+            target_modules: all-linear}``); ``None`` trains all weights.
+        gradient_checkpointing: recompute activations in backward to save memory.
+        disable_dropout: zero every dropout probability (default on: preference losses compare
+            forward passes, and dropout noise biases them).
+        chunk_size: completion tokens per LM-head chunk in the log-prob path.
+        optimizer: optimizer factory; default AdamW at the module's ``default_lr``.
+        lr_scheduler: learning-rate scheduler factory (stepped every optimizer step).
+        output_dir: where the trained policy and tokenizer are saved in Hugging Face format at
+            the end of fit (``None``: not saved).
+        merge_lora: merge a LoRA adapter into the weights when saving.
+        alarm_after_steps: optimizer steps after which a loss still at its starting value is
+            reported (0 disables the check).
+    """
+
+    data_target: ClassVar[str] = "paired"
+    default_lr: ClassVar[float] = 1e-5
+    # The loss value that means "nothing learned yet"; None when there is no such value.
+    stuck_loss: ClassVar[float | None] = None
+
+    def __init__(
+        self,
+        model_name_or_path: str | PreTrainedModel,
+        tokenizer_name_or_path: str | None = None,
+        dtype: str = "auto",
+        attn_implementation: str | None = None,
+        peft: dict[str, Any] | None = None,
+        gradient_checkpointing: bool = False,
+        disable_dropout: bool = True,
+        chunk_size: int = 1024,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        output_dir: str | None = None,
+        merge_lora: bool = True,
+        alarm_after_steps: int = 20,
+    ) -> None:
+        super().__init__()
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.model_source = model_name_or_path
+        tokenizer_source = tokenizer_name_or_path or model_name_or_path
+        if not isinstance(tokenizer_source, str):
+            raise ValueError("pass tokenizer_name_or_path when model_name_or_path is a model object")
+        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(tokenizer_source)
+        self.dtype_name = dtype
+        self.attn_implementation = attn_implementation
+        self.peft_config = peft
+        self.gradient_checkpointing = gradient_checkpointing
+        self.zero_dropout = disable_dropout
+        self.chunk_size = chunk_size
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.output_dir = output_dir
+        self.merge_lora = merge_lora
+        self.alarm_after_steps = alarm_after_steps
+        self.policy: torch.nn.Module | None = None
+        self.train_metrics = MetricGroup("train/")
+        self.val_metrics = MetricGroup("val/")
+        self._last_logged_step = -1
+
+    # ----------------------------------------------------------------- networks
+    def load_policy(self) -> torch.nn.Module:
+        """Load the trainable policy (LoRA-wrapped when ``peft`` is set)."""
+        if is_adapter_dir(self.model_source):
+            if self.peft_config is not None:
+                raise ValueError("model_name_or_path is already a PEFT adapter; drop the peft settings")
+            return load_adapter_model(self.model_source, self.dtype_name, self.attn_implementation).train()
+        policy = load_causal_lm(self.model_source, self.dtype_name, self.attn_implementation)
+        if self.zero_dropout:
+            disable_dropout(policy)
+        if self.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            policy.config.use_cache = False
+        if self.peft_config is not None:
+            policy = apply_lora(policy, self.peft_config)
+        return policy.train()
+
+    def configure_model(self) -> None:
+        # Lightning calls this inside the strategy's context (sharded init under FSDP), once per
+        # fit/validate call: loading is idempotent.
+        if self.policy is None:
+            self.policy = self.load_policy()
+
+    def logps(self, model: torch.nn.Module, batch: dict[str, Any], **kwargs: Any) -> CompletionLogps:
+        """Completion log-probs of ``batch`` under ``model`` through the shared path."""
+        return completion_logps(
+            model,
+            batch["prompt_input_ids"],
+            batch["prompt_attention_mask"],
+            batch["completion_input_ids"],
+            batch["completion_attention_mask"],
+            batch.get("completion_mask"),
+            chunk_size=self.chunk_size,
+            **kwargs,
+        )
+
+    # --------------------------------------------------------------- optimizers
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError("the module has no trainable parameters")
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.AdamW(params, lr=self.default_lr)
+        else:
+            optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ metrics
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Metrics are computed once per optimizer step, so they cover every micro-batch of the
+        # accumulation window and every rank.
+        if self.automatic_optimization and self.trainer.global_step == self._last_logged_step:
+            return
+        self._last_logged_step = self.trainer.global_step
+        values = self.train_metrics.compute()
+        if values:
+            self.log_dict(values, on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
+            self.check_alarms(values)
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()
+        if values:
+            self.log_dict(values, on_step=False, on_epoch=True, sync_dist=False, batch_size=1)
+
+    def check_alarms(self, values: dict[str, Tensor]) -> None:
+        """Warn on a NaN/inf loss and on a loss still at its untrained value."""
+        loss = values.get("train/loss")
+        if loss is None:
+            return
+        loss_value = float(loss)
+        if not math.isfinite(loss_value):
+            warnings.warn(f"train/loss is {loss_value} at step {self.trainer.global_step}", stacklevel=2)
+        elif (
+            self.stuck_loss is not None
+            and self.alarm_after_steps
+            and self.trainer.global_step == self.alarm_after_steps
+            and abs(loss_value - self.stuck_loss) < 1e-4
+        ):
+            warnings.warn(
+                f"train/loss is still {loss_value:.6f} (= its untrained value {self.stuck_loss:.6f}) after "
+                f"{self.alarm_after_steps} optimizer steps: is the reference the policy itself, or is the "
+                "learning rate 0?",
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------------- export
+    def on_fit_end(self) -> None:
+        if self.output_dir is not None:
+            self.save_pretrained(self.output_dir)
+
+    def export_model(self) -> torch.nn.Module:
+        """The policy as it should be saved (LoRA merged into a copy when ``merge_lora``)."""
+        if is_peft_model(self.policy) and self.merge_lora:
+            import copy
+
+            return copy.deepcopy(self.policy).merge_and_unload()
+        return self.policy
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Save the policy and tokenizer in Hugging Face format (rank zero only)."""
+        state = self.trainer.strategy if self._trainer is not None else None
+        if state is not None and not state.is_global_zero:
+            return
+        model = self.export_model()
+        model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        rank_zero_info(f"saved the trained policy and tokenizer to {directory}")

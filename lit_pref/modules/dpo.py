@@ -1,0 +1,144 @@
+"""DPO and its whole loss family as one LightningModule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lit_pref.losses.dpo import DPOLossConfig, dpo_loss, ld_sequence_logps, wpo_weights
+from lit_pref.metrics import reward_metrics
+from lit_pref.modules.reference import ReferenceModule
+from lit_pref.types import CompletionLogps
+
+
+class DPO(ReferenceModule):
+    """Direct Preference Optimization (Rafailov et al. 2023) and the DPO loss family.
+
+    The policy scores chosen and rejected completions in one forward pass (each prompt encoded
+    once, its KV cache shared by both completions); the reference does the same without grad, or
+    its log-probs come precomputed from a disk cache.
+
+    Args:
+        beta: KL-constraint strength β.
+        loss_type: one loss name or a list (MPO-style weighted combination): sigmoid, hinge, ipo,
+            exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_pair, apo_zero, apo_down,
+            discopop, sft.
+        loss_weights: one weight per loss type (equal weights when omitted).
+        label_smoothing: label-noise rate ε of cDPO / robust DPO, in [0, 0.5).
+        reference_free: compare against a uniform reference (no reference model is loaded).
+        f_divergence_type: reverse_kl, forward_kl, js_divergence or alpha_divergence (f-DPO).
+        f_alpha_divergence_coef: α of the α-divergence.
+        discopop_tau: temperature of DiscoPOP's gate.
+        rpo_alpha: weight of the NLL on chosen completions added to the loss (RPO).
+        use_weighting: weight each pair by its WPO weight.
+        ld_alpha: LD-DPO weight of the tokens of the longer completion beyond the shorter's length.
+        length_normalize: use mean instead of summed token log-probs; ``None`` means on for IPO
+            (as in Azar et al.) and off otherwise.
+        share_prompt: encode each prompt once for both completions (exactly the same log-probs as
+            two concatenated rows; off automatically under gradient checkpointing).
+        **kwargs: :class:`~lit_pref.modules.reference.ReferenceModule` arguments (the reference
+            choice) and :class:`~lit_pref.modules.base.AlignmentModule` ones (model, LoRA,
+            optimizer, export…).
+    """
+
+    data_target = "paired"
+    default_lr = 5e-7
+    stuck_loss = math.log(2)
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type: str | list[str] = "sigmoid",
+        loss_weights: list[float] | None = None,
+        label_smoothing: float = 0.0,
+        reference_free: bool = False,
+        f_divergence_type: str = "reverse_kl",
+        f_alpha_divergence_coef: float = 1.0,
+        discopop_tau: float = 0.05,
+        rpo_alpha: float | None = None,
+        use_weighting: bool = False,
+        ld_alpha: float | None = None,
+        length_normalize: bool | None = None,
+        share_prompt: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(reference_free=reference_free, **kwargs)
+        self.loss_config = DPOLossConfig(
+            loss_type=tuple([loss_type] if isinstance(loss_type, str) else loss_type),
+            loss_weights=None if loss_weights is None else tuple(loss_weights),
+            beta=beta,
+            label_smoothing=label_smoothing,
+            reference_free=reference_free,
+            f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef,
+            discopop_tau=discopop_tau,
+            rpo_alpha=rpo_alpha,
+            use_weighting=use_weighting,
+            ld_alpha=ld_alpha,
+        )
+        self.length_normalize = "ipo" in self.loss_config.loss_type if length_normalize is None else length_normalize
+        self.share_prompt = share_prompt
+
+    # ------------------------------------------------------------ sequence logps
+    def pair_logps(self, logps: CompletionLogps) -> tuple[Tensor, Tensor]:
+        """Per-pair (chosen, rejected) sequence log-probs as the loss configuration wants them."""
+        chosen, rejected = logps.pairs()
+        if self.loss_config.ld_alpha is not None:
+            public = torch.minimum(chosen.count, rejected.count)
+            alpha = self.loss_config.ld_alpha
+            return (
+                ld_sequence_logps(chosen.token_logps, chosen.mask, public, alpha),
+                ld_sequence_logps(rejected.token_logps, rejected.mask, public, alpha),
+            )
+        if self.length_normalize:
+            return chosen.mean, rejected.mean
+        return chosen.sum, rejected.sum
+
+    def cache_options(self) -> str:
+        return f"{self.length_normalize}|{self.loss_config.ld_alpha}"
+
+    def reference_values(self, batch: dict[str, Any]) -> Tensor:
+        """``[B, 2]`` reference (chosen, rejected) sequence log-probs."""
+        return torch.stack(self.pair_logps(self.reference_logps(batch)), -1)
+
+    # ------------------------------------------------------------------- steps
+    def _reference_pair(self, batch: dict[str, Any], split: str) -> tuple[Tensor | None, Tensor | None]:
+        if self.reference_kind == "none":
+            return None, None
+        values = self.reference_values_for(batch, split)
+        return values[:, 0], values[:, 1]
+
+    def shared_step(self, batch: dict[str, Any], split: str) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss and per-example metrics of one batch (``split`` is ``train`` or ``val``)."""
+        policy = self.logps(
+            self.policy, batch, share_prompt=self.share_prompt, with_sq_norm=self.loss_config.use_weighting
+        )
+        chosen_logps, rejected_logps = self.pair_logps(policy)
+        ref_chosen, ref_rejected = self._reference_pair(batch, split)
+        chosen, rejected = policy.pairs()
+        weights = None
+        if self.loss_config.use_weighting:
+            weights = wpo_weights(
+                chosen.token_logps, chosen.log_sq_norm, chosen.mask,
+                rejected.token_logps, rejected.log_sq_norm, rejected.mask,
+            )  # fmt: skip
+        out = dpo_loss(
+            chosen_logps, rejected_logps, ref_chosen, ref_rejected, self.loss_config,
+            chosen_nll=-chosen.mean, weights=weights,
+        )  # fmt: skip
+        metrics = reward_metrics(out.chosen_rewards, out.rejected_rewards, chosen.sum, rejected.sum)
+        metrics |= {"loss": out.losses, "logits/chosen": chosen.mean_logits, "logits/rejected": rejected.mean_logits}
+        return out.losses.mean(), metrics
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss, metrics = self.shared_step(batch, "train")
+        self.train_metrics.update(metrics)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss, metrics = self.shared_step(batch, "val")
+        self.val_metrics.update(metrics)
+        return loss

@@ -1,0 +1,219 @@
+"""Shared tensor math: masked reductions and whitening.
+
+Every algorithm reduces over completion tokens with the same helpers so that "mean over
+tokens" means the same thing everywhere. Masks are 0/1 (or bool) tensors broadcastable to
+the values; positions where the mask is 0 never influence a result.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from lit_pref.types import CompletionLogps
+
+
+def masked_sum(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of ``values`` where ``mask`` is set, over ``dim`` (all dims when ``None``)."""
+    masked = torch.where(mask.bool(), values, torch.zeros_like(values))
+    return masked.sum() if dim is None else masked.sum(dim)
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``values`` over the positions where ``mask`` is set.
+
+    An all-zero mask gives 0 rather than NaN, so an empty row can never poison a batch.
+    """
+    count = mask.to(values.dtype).sum() if dim is None else mask.to(values.dtype).sum(dim)
+    return masked_sum(values, mask, dim) / count.clamp(min=1)
+
+
+def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of the masked entries (Bessel-corrected when ``unbiased`` and more than one entry)."""
+    mean = masked_mean(values, mask)
+    count = mask.to(values.dtype).sum()
+    var = masked_mean((values - mean) ** 2, mask)
+    if unbiased:
+        var = var * count / (count - 1).clamp(min=1)
+    return var
+
+
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Normalise the masked entries to unit variance (and zero mean when ``shift_mean``).
+
+    Masked-out positions are returned as 0 so they stay inert downstream.
+    """
+    mean = masked_mean(values, mask)
+    var = masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position ids that start at 0 on each row's first real token (left padding aware)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """``[B]`` index of each row's last real token, whatever side the padding is on."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return torch.where(attention_mask.bool(), positions, -1).amax(-1).clamp(min=0)
+
+
+def _token_logps_chunk(
+    head: torch.nn.Module,
+    hidden: Tensor,
+    targets: Tensor,
+    temperature: float,
+    with_entropy: bool,
+    with_sq_norm: bool,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Log-probs of ``targets`` for one chunk, plus detached per-token diagnostics."""
+    logits = head(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = logits.logsumexp(-1)
+    logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+    with torch.no_grad():
+        mean_logits = logits.mean(-1)
+        entropy = lse - (logits.softmax(-1) * logits).sum(-1) if with_entropy else None
+        sq_norm = (2 * logits).logsumexp(-1) - 2 * lse if with_sq_norm else None
+    return logps, mean_logits, entropy, sq_norm
+
+
+def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    if decoder is model or head is None:
+        raise TypeError(
+            f"{type(model).__name__} does not expose a decoder and an LM head separately "
+            "(get_decoder / get_output_embeddings); lit_pref needs a causal LM."
+        )
+    return decoder, head
+
+
+def _completion_hidden(
+    decoder: torch.nn.Module,
+    prompt_input_ids: Tensor,
+    prompt_attention_mask: Tensor,
+    completion_input_ids: Tensor,
+    completion_attention_mask: Tensor,
+    share_prompt: bool,
+) -> Tensor:
+    """Hidden states that predict each completion token: ``[Bc, L, H]``.
+
+    The prompt is left-padded and the completions right-padded, so every row's real tokens are
+    contiguous and column ``P - 1`` is always the last prompt token.
+    """
+    k = completion_input_ids.shape[0] // prompt_input_ids.shape[0]
+    if share_prompt and k > 1:
+        # The prompt is encoded once and its key/value cache reused by all k completions: the
+        # same attention pattern as the concatenated rows, with 1/k of the prompt compute.
+        prompt_out = decoder(
+            input_ids=prompt_input_ids,
+            attention_mask=prompt_attention_mask,
+            position_ids=position_ids_from_mask(prompt_attention_mask),
+            use_cache=True,
+        )
+        cache = prompt_out.past_key_values
+        cache.batch_repeat_interleave(k)
+        prompt_mask = prompt_attention_mask.repeat_interleave(k, 0)
+        prompt_lengths = prompt_mask.sum(-1, keepdim=True)
+        offsets = torch.arange(completion_input_ids.shape[1], device=completion_input_ids.device)
+        completion_out = decoder(
+            input_ids=completion_input_ids,
+            attention_mask=torch.cat([prompt_mask, completion_attention_mask], 1),
+            position_ids=prompt_lengths + offsets,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        last_prompt = prompt_out.last_hidden_state[:, -1:].repeat_interleave(k, 0)
+        return torch.cat([last_prompt, completion_out.last_hidden_state[:, :-1]], 1)
+    prompt_ids = prompt_input_ids.repeat_interleave(k, 0)
+    attention_mask = torch.cat([prompt_attention_mask.repeat_interleave(k, 0), completion_attention_mask], 1)
+    hidden = decoder(
+        input_ids=torch.cat([prompt_ids, completion_input_ids], 1),
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    prompt_len = prompt_ids.shape[1]
+    return hidden[:, prompt_len - 1 : -1]
+
+
+def completion_logps(
+    model: torch.nn.Module,
+    prompt_input_ids: Tensor,
+    prompt_attention_mask: Tensor,
+    completion_input_ids: Tensor,
+    completion_attention_mask: Tensor,
+    completion_mask: Tensor | None = None,
+    *,
+    chunk_size: int = 1024,
+    share_prompt: bool = True,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    with_sq_norm: bool = False,
+) -> CompletionLogps:
+    """Per-token log-probs of completions given prompts: the one log-prob path of lit_pref.
+
+    Args:
+        model: a causal LM (``transformers`` model, optionally PEFT-wrapped).
+        prompt_input_ids: ``[Bp, P]`` left-padded prompts, each with at least one real token.
+        prompt_attention_mask: ``[Bp, P]``.
+        completion_input_ids: ``[Bc, L]`` right-padded completions, ``Bc = k·Bp``; row ``j``
+            continues prompt ``j // k``.
+        completion_attention_mask: ``[Bc, L]`` real completion tokens.
+        completion_mask: ``[Bc, L]`` tokens whose log-prob counts (defaults to the attention mask).
+        chunk_size: completion tokens per LM-head chunk. The head runs only on counted tokens, a
+            chunk at a time, and is recomputed in backward, so ``[N, vocab]`` fp32 logits for the
+            whole batch never exist at once.
+        share_prompt: encode each prompt once and reuse its KV cache for its k completions
+            (ignored when k = 1 or gradient checkpointing is on, which disables the cache).
+        temperature: logits are divided by it (sampling temperature of PPO/GRPO rollouts).
+        with_entropy: also return the per-token entropy (detached).
+        with_sq_norm: also return log Σ_v π(v)² per token (detached; WPO weights).
+    """
+    if completion_input_ids.shape[0] % prompt_input_ids.shape[0]:
+        raise ValueError(
+            f"{completion_input_ids.shape[0]} completions cannot be split evenly over "
+            f"{prompt_input_ids.shape[0]} prompts"
+        )
+    decoder, head = _decoder_and_head(model)
+    share_prompt = share_prompt and not getattr(model, "is_activation_checkpointing", False)
+    hidden = _completion_hidden(
+        decoder,
+        prompt_input_ids,
+        prompt_attention_mask,
+        completion_input_ids,
+        completion_attention_mask,
+        share_prompt,
+    )
+    mask = (completion_attention_mask if completion_mask is None else completion_mask).bool()
+    selected, targets = hidden[mask], completion_input_ids[mask]
+    if not mask.any():
+        raise ValueError("the batch has no completion tokens to score")
+    checkpointed = torch.is_grad_enabled() and selected.requires_grad
+    chunks = []
+    for start in range(0, selected.shape[0], chunk_size):
+        args = (head, selected[start : start + chunk_size], targets[start : start + chunk_size])
+        flags = (temperature, with_entropy, with_sq_norm)
+        if checkpointed:
+            # Recomputing the head in backward keeps one chunk of logits alive instead of all.
+            chunks.append(checkpoint(_token_logps_chunk, *args, *flags, use_reentrant=False))
+        else:
+            chunks.append(_token_logps_chunk(*args, *flags))
+
+    def scatter(column: int) -> Tensor:
+        values = torch.cat([chunk[column] for chunk in chunks])
+        return torch.zeros(mask.shape, dtype=values.dtype, device=mask.device).masked_scatter(mask, values)
+
+    return CompletionLogps(
+        token_logps=scatter(0),
+        mask=mask,
+        mean_logits=masked_mean(scatter(1), mask, dim=-1),
+        entropy=scatter(2) if with_entropy else None,
+        log_sq_norm=scatter(3) if with_sq_norm else None,
+    )
