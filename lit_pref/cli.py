@@ -11,11 +11,20 @@ from lit_pref.data.datamodule import PreferenceDataModule
 from lit_pref.modules.base import AlignmentModule
 
 
+def _model_tokenizer(model_name_or_path: str | None, tokenizer_name_or_path: str | None) -> str | None:
+    """The tokenizer the model uses: its own ``tokenizer_name_or_path``, else the model path."""
+    return tokenizer_name_or_path or model_name_or_path
+
+
 class LitPrefCLI(LightningCLI):
     """LightningCLI with the tokenizer written once: the data module's follows the model's."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer_name_or_path")
+        parser.link_arguments(
+            ("model.init_args.model_name_or_path", "model.init_args.tokenizer_name_or_path"),
+            "data.tokenizer_name_or_path",
+            compute_fn=_model_tokenizer,
+        )
 
 
 def main(args: list[str] | None = None) -> None:
@@ -31,10 +40,11 @@ def main(args: list[str] | None = None) -> None:
             args=args,
             save_config_kwargs={"overwrite": True},
         )
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, OSError) as error:  # OSError: missing files, hub unreachable
         if os.environ.get("LIT_PREF_DEBUG"):
             raise
-        print(f"lit-pref: error: {type(error).__name__}: {error}", file=sys.stderr)
+        message = " ".join(str(error).split())
+        print(f"lit-pref: error: {type(error).__name__}: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from lit_pref.distributed import collective_device, gather_keys
+
 
 class MetricGroup(torch.nn.Module):
     """Named running means, created on first use.
@@ -26,19 +28,39 @@ class MetricGroup(torch.nn.Module):
 
     def update(self, values: dict[str, Tensor]) -> None:
         """Add per-example (or scalar) values; each element counts once in the mean."""
-        for name, value in values.items():
-            key = name.replace("/", "__")
-            if key not in self.means:
-                # nan_strategy="disable": a NaN must surface in the logged value, not be dropped.
-                self.means[key] = MeanMetric(nan_strategy="disable").to(value.device)
-            self.means[key].update(value.detach().float())
+        # Metric states must be ordinary tensors: created under validation's inference mode they
+        # would be inference tensors, and the next fit could not update them in place.
+        with torch.inference_mode(False):
+            for name, value in values.items():
+                key = name.replace("/", "__")
+                if key not in self.means:
+                    # nan_strategy="disable": a NaN must surface in the logged value, not be dropped.
+                    self.means[key] = MeanMetric(nan_strategy="disable").to(value.device)
+                self.means[key].update(value.detach().float())
 
     def compute(self) -> dict[str, Tensor]:
-        """Means over all ranks since the last reset, keyed ``prefix + name``; then reset."""
+        """Means over all ranks since the last reset, keyed ``prefix + name``; then reset.
+
+        A collective when distributed (each metric syncs its state over the ranks): every rank
+        computes the same metrics, in the same order: those that any rank updated. A rank whose
+        micro-batches left one untouched (a KTO batch without undesirable rows) still takes part,
+        contributing nothing, instead of skipping a collective the others wait in.
+        """
+        with torch.inference_mode(False):
+            return self._compute_and_reset()
+
+    def _compute_and_reset(self) -> dict[str, Tensor]:
         out = {}
-        for key, metric in self.means.items():
-            if metric.update_called:
-                out[self.prefix + key.replace("__", "/")] = metric.compute()
+        keys = gather_keys([key for key, metric in self.means.items() if metric.update_called])
+        for key in keys:
+            if key not in self.means:
+                device = next((m.device for m in self.means.values()), None)
+                self.means[key] = MeanMetric(nan_strategy="disable").to(device or collective_device())
+            metric = self.means[key]
+            if not metric.update_called:
+                metric.update(torch.zeros(0, device=metric.device))  # counts as updated, adds nothing
+            out[self.prefix + key.replace("__", "/")] = metric.compute()
+        for metric in self.means.values():
             metric.reset()
         return out
 
@@ -55,3 +77,24 @@ def reward_metrics(
         "logps/chosen": chosen_logps,
         "logps/rejected": rejected_logps,
     }
+
+
+class UnpairedMetricGroup(MetricGroup):
+    """A :class:`MetricGroup` for unpaired (desirable / undesirable) batches (KTO, BCO).
+
+    ``rewards/chosen`` and ``rewards/rejected`` hold the desirable and undesirable rows, in
+    numbers that differ between micro-batches; a micro-batch without one class leaves that metric
+    untouched (an empty update would compute 0/0 = NaN). ``rewards/margins`` is derived at compute
+    time as mean desirable − mean undesirable reward over everything accumulated (all micro-batches
+    and ranks), since there are no pairs to take per-row differences of.
+    """
+
+    def update(self, values: dict[str, Tensor]) -> None:
+        super().update({name: value for name, value in values.items() if value.numel() > 0})
+
+    def compute(self) -> dict[str, Tensor]:
+        out = super().compute()
+        chosen, rejected = out.get(f"{self.prefix}rewards/chosen"), out.get(f"{self.prefix}rewards/rejected")
+        if chosen is not None and rejected is not None:
+            out[f"{self.prefix}rewards/margins"] = chosen - rejected
+        return out

@@ -52,10 +52,22 @@ def load_causal_lm(
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Set every dropout probability to 0: preference losses compare two forward passes."""
+    """Set every dropout probability to 0: preference losses compare two forward passes.
+
+    Besides ``nn.Dropout`` modules, attention implementations read a float attribute
+    (``attention_dropout`` in Llama / Qwen2 / Mistral…) and the config's ``*dropout`` fields.
+    """
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.p = 0.0
+        for name in ("attention_dropout", "attn_dropout", "dropout", "dropout_rate"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            for name, value in config.to_dict().items():
+                if "dropout" in name and isinstance(value, float):
+                    setattr(config, name, 0.0)
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

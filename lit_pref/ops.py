@@ -70,7 +70,8 @@ def _token_logps_chunk(
     temperature: float,
     with_entropy: bool,
     with_sq_norm: bool,
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    with_argmax: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Log-probs of ``targets`` for one chunk, plus detached per-token diagnostics."""
     logits = head(hidden).float()
     if temperature != 1.0:
@@ -81,7 +82,8 @@ def _token_logps_chunk(
         mean_logits = logits.mean(-1)
         entropy = lse - (logits.softmax(-1) * logits).sum(-1) if with_entropy else None
         sq_norm = (2 * logits).logsumexp(-1) - 2 * lse if with_sq_norm else None
-    return logps, mean_logits, entropy, sq_norm
+        argmax = logits.argmax(-1) if with_argmax else None
+    return logps, mean_logits, entropy, sq_norm, argmax
 
 
 def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -156,6 +158,7 @@ def completion_logps(
     temperature: float = 1.0,
     with_entropy: bool = False,
     with_sq_norm: bool = False,
+    with_argmax: bool = False,
 ) -> CompletionLogps:
     """Per-token log-probs of completions given prompts: the one log-prob path of lit_pref.
 
@@ -168,13 +171,14 @@ def completion_logps(
         completion_attention_mask: ``[Bc, L]`` real completion tokens.
         completion_mask: ``[Bc, L]`` tokens whose log-prob counts (defaults to the attention mask).
         chunk_size: completion tokens per LM-head chunk. The head runs only on counted tokens, a
-            chunk at a time, and is recomputed in backward, so ``[N, vocab]`` fp32 logits for the
-            whole batch never exist at once.
+            chunk at a time; with more than one chunk each is recomputed in backward, so
+            ``[N, vocab]`` fp32 logits for the whole batch never exist at once.
         share_prompt: encode each prompt once and reuse its KV cache for its k completions
             (ignored when k = 1 or gradient checkpointing is on, which disables the cache).
         temperature: logits are divided by it (sampling temperature of PPO/GRPO rollouts).
         with_entropy: also return the per-token entropy (detached).
         with_sq_norm: also return log Σ_v π(v)² per token (detached; WPO weights).
+        with_argmax: also return the most likely token at each position (token accuracy).
     """
     if completion_input_ids.shape[0] % prompt_input_ids.shape[0]:
         raise ValueError(
@@ -191,17 +195,59 @@ def completion_logps(
         completion_attention_mask,
         share_prompt,
     )
-    mask = (completion_attention_mask if completion_mask is None else completion_mask).bool()
-    selected, targets = hidden[mask], completion_input_ids[mask]
+    mask = completion_attention_mask if completion_mask is None else completion_mask
+    return hidden_logps(
+        head,
+        hidden,
+        completion_input_ids,
+        mask,
+        chunk_size=chunk_size,
+        temperature=temperature,
+        with_entropy=with_entropy,
+        with_sq_norm=with_sq_norm,
+        with_argmax=with_argmax,
+    )
+
+
+def hidden_logps(
+    head: torch.nn.Module,
+    hidden: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    *,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    with_sq_norm: bool = False,
+    with_argmax: bool = False,
+) -> CompletionLogps:
+    """The LM-head half of the log-prob path: log-probs of ``targets`` from the states predicting them.
+
+    :func:`completion_logps` calls it after its forward pass; layouts it does not cover (packed
+    rows) run their own forward and call it directly.
+
+    Args:
+        head: the LM head (``model.get_output_embeddings()``).
+        hidden: ``[B, L, H]`` hidden states; ``hidden[b, t]`` predicts ``targets[b, t]``.
+        targets: ``[B, L]`` token ids.
+        mask: ``[B, L]`` tokens whose log-prob counts; the head runs on these only, ``chunk_size``
+            at a time, recomputed in backward.
+        chunk_size, temperature, with_entropy, with_sq_norm, with_argmax: as in
+            :func:`completion_logps`.
+    """
+    mask = mask.bool()
+    selected, targets = hidden[mask], targets[mask]
     if not mask.any():
         raise ValueError("the batch has no completion tokens to score")
-    checkpointed = torch.is_grad_enabled() and selected.requires_grad
+    # Recomputing the head in backward keeps one chunk of logits alive instead of all of them. With
+    # a single chunk there is nothing to gain (backward rebuilds the same logits it would have
+    # kept), so the extra head forward is skipped.
+    checkpointed = torch.is_grad_enabled() and selected.requires_grad and selected.shape[0] > chunk_size
     chunks = []
     for start in range(0, selected.shape[0], chunk_size):
         args = (head, selected[start : start + chunk_size], targets[start : start + chunk_size])
-        flags = (temperature, with_entropy, with_sq_norm)
+        flags = (temperature, with_entropy, with_sq_norm, with_argmax)
         if checkpointed:
-            # Recomputing the head in backward keeps one chunk of logits alive instead of all.
             chunks.append(checkpoint(_token_logps_chunk, *args, *flags, use_reentrant=False))
         else:
             chunks.append(_token_logps_chunk(*args, *flags))
@@ -216,4 +262,5 @@ def completion_logps(
         mean_logits=masked_mean(scatter(1), mask, dim=-1),
         entropy=scatter(2) if with_entropy else None,
         log_sq_norm=scatter(3) if with_sq_norm else None,
+        argmax=scatter(4) if with_argmax else None,
     )

@@ -23,7 +23,7 @@ TOPICS = ("rain", "home", "work", "music", "winter", "friends", "sea", "city")
 MOODS = {"happy": (POSITIVE, NEGATIVE), "sad": (NEGATIVE, POSITIVE)}
 NUM_WORDS = 6
 # The supervised word distribution: aligned / opposite / neutral probabilities.
-SFT_MIX = (0.4, 0.3, 0.3)
+SFT_MIX = (0.45, 0.25, 0.3)
 
 
 def make_prompt(mood: str, topic: str) -> str:

@@ -134,3 +134,21 @@ def save_tiny_model(
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lit_pref.tiny DIR``: write the tiny model the shipped configs train."""
+    import argparse
+
+    from lit_pref import tasks
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("directory", help="output directory (Hugging Face format)")
+    parser.add_argument("--kind", default="causal_lm", choices=("causal_lm", "sequence_classifier"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(save_tiny_model(args.directory, tasks.corpus(), kind=args.kind, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()

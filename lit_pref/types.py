@@ -21,6 +21,8 @@ class CompletionLogps:
         mean_logits: ``[Bc]`` detached mean over vocabulary and counted tokens (a diagnostic).
         entropy: ``[Bc, L]`` detached per-token entropy when requested, else ``None``.
         log_sq_norm: ``[Bc, L]`` detached log Σ_v π(v)² per token (WPO) when requested, else ``None``.
+        argmax: ``[Bc, L]`` most likely token at each counted position when requested (token
+            accuracy), else ``None``; 0 where ``mask`` is unset.
     """
 
     token_logps: Tensor
@@ -28,6 +30,7 @@ class CompletionLogps:
     mean_logits: Tensor
     entropy: Tensor | None = None
     log_sq_norm: Tensor | None = None
+    argmax: Tensor | None = None
 
     @property
     def sum(self) -> Tensor:
@@ -56,4 +59,5 @@ class CompletionLogps:
             mean_logits=self.mean_logits[rows],
             entropy=None if self.entropy is None else self.entropy[rows],
             log_sq_norm=None if self.log_sq_norm is None else self.log_sq_norm[rows],
+            argmax=None if self.argmax is None else self.argmax[rows],
         )

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
-
-from lit_pref import tasks
-from lit_pref.tiny import build_tiny_tokenizer, save_tiny_model
-
+# Before any Hugging Face import: the libraries read these once, at import time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_pref import tasks
+from lit_pref.tiny import build_tiny_tokenizer, save_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +35,21 @@ def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_rm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny one-output sequence classifier + tokenizer directory."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny_rm"), tasks.corpus(), kind="sequence_classifier")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and two threads per process spin badly when the
+    machine is shared (tests running side by side); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def in_project(tmp_path, tiny_lm_dir, monkeypatch) -> Path:
+    """A working directory with ``outputs/tiny-lm`` as ``python -m lit_pref.tiny`` leaves it."""
+    shutil.copytree(tiny_lm_dir, tmp_path / "outputs" / "tiny-lm")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

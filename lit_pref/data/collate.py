@@ -30,6 +30,7 @@ TOKEN_COLUMNS = (
     "rejected_input_ids",
     "completion_input_ids",
     "completion_mask",
+    "kl_completion_input_ids",
 )
 
 
@@ -82,6 +83,10 @@ class Collator:
             batch["completion_input_ids"] = self._pad(completions)
             batch["completion_attention_mask"] = self._pad([[1] * len(c) for c in completions], value=0)
             batch["completion_mask"] = self._pad(masks, value=0)
+        if "kl_completion_input_ids" in rows[0]:  # KTO's mismatched completions, right-padded
+            kl = [r["kl_completion_input_ids"] for r in rows]
+            batch["kl_completion_input_ids"] = self._pad(kl)
+            batch["kl_completion_attention_mask"] = self._pad([[1] * len(c) for c in kl], value=0)
         for key in rows[0]:
             if key in TOKEN_COLUMNS:
                 continue

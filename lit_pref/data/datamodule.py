@@ -21,6 +21,8 @@ from lit_pref.data.formats import (
     normalise_row,
     paired_to_unpaired,
 )
+from lit_pref.data.mismatch import add_mismatched_completions
+from lit_pref.data.packing import PackingCollator
 from lit_pref.data.tokenize import TruncationConfig, TruncationMode, tokenize_row
 from lit_pref.models import load_tokenizer
 
@@ -33,7 +35,10 @@ TEXT_COLUMNS = ("prompt", "chosen", "rejected", "completion", "messages", "text"
 
 def _import_object(path: str) -> Any:
     module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise DataFormatError(f"cannot import {path!r} (expected 'pkg.module:function'): {error}") from None
 
 
 def load_raw(source: str | dict[str, str] | Dataset | DatasetDict, config_name: str | None = None) -> DatasetDict:
@@ -48,10 +53,10 @@ def load_raw(source: str | dict[str, str] | Dataset | DatasetDict, config_name: 
     if isinstance(source, Dataset):
         return DatasetDict({"train": source})
     if isinstance(source, dict):
-        suffixes = {Path(f).suffix for f in source.values()}
-        if len(suffixes) != 1 or next(iter(suffixes)) not in FILE_BUILDERS:
+        builders = {FILE_BUILDERS.get(Path(f).suffix) for f in source.values()}
+        if len(builders) != 1 or None in builders:
             raise DataFormatError(f"data files must share one of the suffixes {sorted(FILE_BUILDERS)}: {source}")
-        return load_dataset(FILE_BUILDERS[suffixes.pop()], data_files=source)
+        return load_dataset(builders.pop(), data_files=source)
     path = Path(source)
     if path.is_dir() and any((path / f).exists() for f in ("dataset_dict.json", "dataset_info.json", "state.json")):
         loaded = load_from_disk(str(path))
@@ -60,8 +65,11 @@ def load_raw(source: str | dict[str, str] | Dataset | DatasetDict, config_name: 
         if path.suffix not in FILE_BUILDERS:
             raise DataFormatError(f"cannot read {path}: expected one of {sorted(FILE_BUILDERS)}")
         return load_dataset(FILE_BUILDERS[path.suffix], data_files={"train": str(path)})
+    if path.suffix in FILE_BUILDERS and not path.exists():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     if ":" in source and not path.exists():
-        made = _import_object(source)()
+        made = _import_object(source)
+        made = made() if callable(made) else made
         if isinstance(made, list):
             made = Dataset.from_list(made)
         return load_raw(made)
@@ -93,6 +101,8 @@ class PreferenceDataModule(LightningDataModule):
         max_completion_length: limit on completion tokens.
         truncation_mode: ``keep_end``, ``keep_start``, ``drop`` or ``error`` (see ``TruncationConfig``).
         completion_only_loss: SFT trains on completion / assistant tokens only.
+        packing: SFT only: pack each batch's examples into as few rows of ``max_length`` tokens as
+            fit (see :mod:`lit_pref.data.packing`); ``batch_size`` then counts examples, not rows.
         batch_size: rows per training micro-batch (a paired row holds chosen and rejected).
         eval_batch_size: rows per validation batch (default: ``batch_size``).
         num_workers: data loader worker processes.
@@ -117,6 +127,7 @@ class PreferenceDataModule(LightningDataModule):
         max_completion_length: int | None = None,
         truncation_mode: TruncationMode = "keep_end",
         completion_only_loss: bool = True,
+        packing: bool = False,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -136,6 +147,9 @@ class PreferenceDataModule(LightningDataModule):
         self.target = target
         self.truncation = TruncationConfig(max_length, max_prompt_length, max_completion_length, truncation_mode)
         self.completion_only_loss = completion_only_loss
+        if packing and max_length is None:
+            raise ValueError("packing needs max_length (the length of a packed row)")
+        self.packing = packing
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.pad_to_multiple_of, self.num_proc, self.seed = num_workers, pad_to_multiple_of, num_proc, seed
         self.max_train_samples, self.max_val_samples = max_train_samples, max_val_samples
@@ -208,6 +222,8 @@ class PreferenceDataModule(LightningDataModule):
         ds = ds.remove_columns(["_truncated_prompt", "_truncated_completion", "_drop"])
         if "index" not in ds.column_names:
             ds = ds.add_column("index", list(range(len(ds))))
+        if target == "unpaired":  # KTO's KL pairs: each prompt with another row's completion
+            ds = add_mismatched_completions(ds, self.truncation.max_length)
         rank_zero_info(
             f"{name}: {len(raw)} rows ({shape} → {target}); {counts['truncated_prompt']} prompts and "
             f"{counts['truncated_completion']} completions truncated, {counts['drop']} rows dropped; "
@@ -253,7 +269,11 @@ class PreferenceDataModule(LightningDataModule):
 
     # ------------------------------------------------------------ dataloaders
     @property
-    def collator(self) -> Collator:
+    def collator(self) -> Collator | PackingCollator:
+        if self.packing:
+            if self.data_target != "sft":
+                raise ValueError(f"packing applies to SFT data only, not to {self.data_target!r} data")
+            return PackingCollator(self.tokenizer.pad_token_id, self.truncation.max_length, self.pad_to_multiple_of)
         return Collator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:

@@ -149,10 +149,17 @@ def normalise_row(row: dict[str, Any], index: int, shape: str) -> dict[str, Any]
 
 
 def paired_to_unpaired(batch: dict[str, list]) -> dict[str, list]:
-    """Batched map: each (prompt, chosen, rejected) row becomes a desirable and an undesirable row."""
-    out: dict[str, list] = {"prompt": [], "completion": [], "label": []}
-    for prompt, chosen, rejected in zip(batch["prompt"], batch["chosen"], batch["rejected"], strict=True):
+    """Batched map: each (prompt, chosen, rejected) row becomes a desirable and an undesirable row.
+
+    Extra columns are copied onto both rows, except ``index`` (it numbered pairs, and the data
+    module numbers the new rows itself).
+    """
+    extras = [k for k in batch if k not in ("prompt", "chosen", "rejected", "completion", "label", "index")]
+    out: dict[str, list] = {"prompt": [], "completion": [], "label": [], **{k: [] for k in extras}}
+    for i, (prompt, chosen, rejected) in enumerate(zip(batch["prompt"], batch["chosen"], batch["rejected"], strict=True)):
         out["prompt"] += [prompt, prompt]
         out["completion"] += [chosen, rejected]
         out["label"] += [True, False]
+        for k in extras:
+            out[k] += [batch[k][i], batch[k][i]]
     return out

@@ -86,8 +86,15 @@ def _as_messages(value: Any, role: str) -> list[dict]:
 
 
 def _with_eos(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[int]:
+    """Templated turns: EOS somewhere in them (a template may put a newline after it)."""
     eos = tokenizer.eos_token_id
     return ids if eos is None or eos in ids else [*ids, eos]
+
+
+def _with_final_eos(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[int]:
+    """Plain text: EOS as the last token (an EOS mentioned mid-text does not end it)."""
+    eos = tokenizer.eos_token_id
+    return ids if eos is None or (ids and ids[-1] == eos) else [*ids, eos]
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Any) -> list[int]:
@@ -111,7 +118,7 @@ def encode_completion(
                 "conversation, so prompt and completion cannot be split in token space"
             )
         return _with_eos(tokenizer, full[len(prompt_ids) :])
-    return _with_eos(tokenizer, tokenizer(completion, add_special_tokens=False).input_ids)
+    return _with_final_eos(tokenizer, tokenizer(completion, add_special_tokens=False).input_ids)
 
 
 def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[list[int], list[int]]:
@@ -128,13 +135,14 @@ def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict]
 
 
 def truncate(
-    prompt: list[int], completions: list[list[int]], config: TruncationConfig
+    prompt: list[int], completions: list[list[int]], config: TruncationConfig, *, bos_token_id: int | None = None
 ) -> tuple[list[int], list[list[int]], dict[str, bool]]:
     """Apply ``config`` to one row; the flags say what was truncated and whether to drop it.
 
     ``max_length`` is met by shortening the prompt first (per the mode, keeping at least one
     token), then the completions. A completion cut to nothing marks the row for dropping, since a
-    row with an empty loss mask would turn a mean into NaN.
+    row with an empty loss mask would turn a mean into NaN. Under ``keep_end`` a prompt that
+    starts with ``bos_token_id`` keeps that BOS in front of its last tokens (limit permitting).
     """
     longest = max(len(c) for c in completions) if completions else 0
     over_prompt = config.max_prompt_length is not None and len(prompt) > config.max_prompt_length
@@ -156,7 +164,13 @@ def truncate(
 
     def cut_prompt(limit: int) -> list[int]:
         limit = max(limit, 1)
-        return prompt[-limit:] if config.truncation_mode == "keep_end" else prompt[:limit]
+        if limit >= len(prompt):
+            return prompt
+        if config.truncation_mode == "keep_start":
+            return prompt[:limit]
+        if limit > 1 and bos_token_id is not None and prompt[0] == bos_token_id:
+            return [prompt[0], *prompt[len(prompt) - limit + 1 :]]
+        return prompt[-limit:]
 
     original_prompt, original_lengths = len(prompt), [len(c) for c in completions]
     if over_prompt:
@@ -186,7 +200,7 @@ def _sft_ids(
         mask = assistant[split:] if completion_only_loss else [1] * (len(ids) - split)
         return ids[:split], ids[split:], mask
     if "text" in row and row.get("text") is not None:
-        ids = _with_eos(tokenizer, _fix_bos(tokenizer, tokenizer(row["text"]).input_ids))
+        ids = _with_final_eos(tokenizer, _fix_bos(tokenizer, tokenizer(row["text"]).input_ids))
         if len(ids) < 2:
             raise DataFormatError(f"row {index}: column 'text' is too short to train on")
         return ids[:1], ids[1:], [1] * (len(ids) - 1)
@@ -224,7 +238,12 @@ def tokenize_row(
         completions = [encode_completion(tokenizer, row["prompt"], row[k], prompt_ids, index) for k in keys]
     if not prompt_ids:
         raise DataFormatError(f"row {index}: the prompt encodes to no tokens")
-    prompt_ids, completions, flags = truncate(prompt_ids, completions, truncation)
+    try:
+        prompt_ids, completions, flags = truncate(
+            prompt_ids, completions, truncation, bos_token_id=tokenizer.bos_token_id
+        )
+    except DataFormatError as error:
+        raise DataFormatError(f"row {index}: {error}") from None
     out: dict[str, Any] = {"prompt_input_ids": prompt_ids}
     if target == "paired":
         out["chosen_input_ids"], out["rejected_input_ids"] = completions

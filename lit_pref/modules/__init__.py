@@ -1,7 +1,14 @@
 """LightningModules, one per algorithm."""
 
 from lit_pref.modules.base import AlignmentModule
+from lit_pref.modules.bco import BCO
+from lit_pref.modules.cpo import CPO
 from lit_pref.modules.dpo import DPO
+from lit_pref.modules.grpo import GRPO
+from lit_pref.modules.kto import KTO
+from lit_pref.modules.orpo import ORPO
+from lit_pref.modules.ppo import PPO
+from lit_pref.modules.reward import RewardModel
 from lit_pref.modules.sft import SFT
 
-__all__ = ["DPO", "SFT", "AlignmentModule"]
+__all__ = ["BCO", "CPO", "DPO", "GRPO", "KTO", "ORPO", "PPO", "SFT", "AlignmentModule", "RewardModel"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -15,6 +17,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lit_pref.distributed import (
+    full_state_dict,
+    is_sharded,
+    shard_causal_lm,
+    synced_generation,
+    zero3_gathered,
+    zero3_loading,
+)
 from lit_pref.metrics import MetricGroup
 from lit_pref.models import (
     apply_lora,
@@ -29,6 +39,31 @@ from lit_pref.ops import completion_logps
 from lit_pref.types import CompletionLogps
 
 log = logging.getLogger(__name__)
+
+
+def _then_shard(configure_model: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Run ``configure_model``, then (outermost call only) :meth:`AlignmentModule.shard_networks`.
+
+    Subclasses build their networks after ``super().configure_model()`` (a frozen copy of the
+    policy, a reference adapter loaded into it, a value network from its decoder…), so sharding
+    must wait until the outermost override has returned.
+    """
+
+    @functools.wraps(configure_model)
+    def wrapper(self: Any) -> None:
+        depth = self.__dict__.get("_configure_depth", 0)
+        self.__dict__["_configure_depth"] = depth + 1
+        strategy = self._trainer.strategy if self._trainer is not None and depth == 0 else None
+        try:
+            with zero3_loading(strategy):
+                configure_model(self)
+        finally:
+            self.__dict__["_configure_depth"] = depth
+        if self.__dict__["_configure_depth"] == 0:
+            self.shard_networks()
+
+    wrapper._then_shard = True  # type: ignore[attr-defined]
+    return wrapper
 
 
 class AlignmentModule(LightningModule):
@@ -108,22 +143,51 @@ class AlignmentModule(LightningModule):
         if is_adapter_dir(self.model_source):
             if self.peft_config is not None:
                 raise ValueError("model_name_or_path is already a PEFT adapter; drop the peft settings")
-            return load_adapter_model(self.model_source, self.dtype_name, self.attn_implementation).train()
-        policy = load_causal_lm(self.model_source, self.dtype_name, self.attn_implementation)
-        if self.zero_dropout:
-            disable_dropout(policy)
+            policy = load_adapter_model(self.model_source, self.dtype_name, self.attn_implementation)
+        else:
+            policy = load_causal_lm(self.model_source, self.dtype_name, self.attn_implementation)
         if self.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             policy.config.use_cache = False
         if self.peft_config is not None:
             policy = apply_lora(policy, self.peft_config)
+        if self.zero_dropout:
+            # After LoRA wrapping, so the adapters' own dropout is zeroed too.
+            disable_dropout(policy)
         return policy.train()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        hook = cls.__dict__.get("configure_model")
+        if hook is not None and not getattr(hook, "_then_shard", False):
+            cls.configure_model = _then_shard(hook)
+
+    @_then_shard
     def configure_model(self) -> None:
         # Lightning calls this inside the strategy's context (sharded init under FSDP), once per
-        # fit/validate call: loading is idempotent.
+        # fit/validate call: loading is idempotent. Every override (and this) is followed by
+        # shard_networks once the outermost one returns.
         if self.policy is None:
             self.policy = self.load_policy()
+
+    def shard_networks(self) -> None:
+        """Shard every network the module holds, frozen ones included, when Lightning gave it a
+        device mesh (FSDP2 through ``ModelParallelStrategy`` / ``FSDP2Strategy``); else a no-op.
+
+        All go through the same :func:`~lit_pref.distributed.shard_causal_lm`, so a reference is
+        sharded exactly as the policy it is compared with. Networks already sharded are skipped,
+        so a network built later (a reference loaded in ``on_fit_start``) calls this again.
+        """
+        mesh = self.device_mesh
+        if mesh is None:
+            if getattr(self._trainer and self._trainer.strategy, "zero_stage_3", False):
+                # ZeRO-3 partitions the networks itself; generation must still run in lockstep.
+                for child in self.children():
+                    synced_generation(child)
+            return
+        for child in self.children():
+            if any(True for _ in child.parameters()):
+                shard_causal_lm(child, mesh)
 
     def logps(self, model: torch.nn.Module, batch: dict[str, Any], **kwargs: Any) -> CompletionLogps:
         """Completion log-probs of ``batch`` under ``model`` through the shared path."""
@@ -153,6 +217,11 @@ class AlignmentModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ metrics
+    def on_train_start(self) -> None:
+        # The first log is due once the first optimizer step of this run is taken (not after the
+        # first micro-batch of an accumulation window, nor again at a resumed step).
+        self._last_logged_step = self.trainer.global_step
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Metrics are computed once per optimizer step, so they cover every micro-batch of the
         # accumulation window and every rank.
@@ -181,7 +250,7 @@ class AlignmentModule(LightningModule):
             self.stuck_loss is not None
             and self.alarm_after_steps
             and self.trainer.global_step == self.alarm_after_steps
-            and abs(loss_value - self.stuck_loss) < 1e-4
+            and abs(loss_value - self.stuck_loss) < 1e-6
         ):
             warnings.warn(
                 f"train/loss is still {loss_value:.6f} (= its untrained value {self.stuck_loss:.6f}) after "
@@ -195,20 +264,44 @@ class AlignmentModule(LightningModule):
         if self.output_dir is not None:
             self.save_pretrained(self.output_dir)
 
-    def export_model(self) -> torch.nn.Module:
-        """The policy as it should be saved (LoRA merged into a copy when ``merge_lora``)."""
-        if is_peft_model(self.policy) and self.merge_lora:
+    def export_model(self) -> torch.nn.Module | None:
+        """The policy as it should be saved (LoRA merged into a copy when ``merge_lora``).
+
+        Under FSDP2 this is a collective (every rank must call it): the shards are gathered into
+        an unsharded replica on global rank zero, and the other ranks get ``None``.
+        """
+        policy = self.policy
+        if is_sharded(policy):
+            if not isinstance(self.model_source, str):
+                raise RuntimeError(
+                    "exporting a sharded policy rebuilds it from model_name_or_path; pass a path or hub id, "
+                    "not a model object, under FSDP"
+                )
+            state = full_state_dict(policy)
+            if self._trainer is not None and not self.trainer.is_global_zero:
+                return None
+            policy = self.load_policy()
+            missing = policy.load_state_dict(state, strict=False).missing_keys
+            if missing:
+                raise RuntimeError(f"the gathered policy weights lack {missing[:5]}")
+            return policy.merge_and_unload() if is_peft_model(policy) and self.merge_lora else policy
+        if is_peft_model(policy) and self.merge_lora:
             import copy
 
-            return copy.deepcopy(self.policy).merge_and_unload()
-        return self.policy
+            return copy.deepcopy(policy).merge_and_unload()
+        return policy
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Save the policy and tokenizer in Hugging Face format (rank zero only)."""
-        state = self.trainer.strategy if self._trainer is not None else None
-        if state is not None and not state.is_global_zero:
-            return
-        model = self.export_model()
-        model.save_pretrained(directory)
+        """Save the policy and tokenizer in Hugging Face format; global rank zero writes.
+
+        Every rank must call it: under FSDP2 and DeepSpeed ZeRO-3 the full weights are first
+        gathered collectively (a rank returning early would leave the others waiting).
+        """
+        zero = self._trainer is None or self.trainer.is_global_zero
+        with zero3_gathered(self.policy):
+            model = self.export_model() if zero or is_sharded(self.policy) else None
+            if model is None:
+                return
+            model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         rank_zero_info(f"saved the trained policy and tokenizer to {directory}")

@@ -14,6 +14,18 @@ from lit_pref.modules.reference import ReferenceModule
 from lit_pref.types import CompletionLogps
 
 
+def untrained_loss(config: DPOLossConfig) -> float | None:
+    """The loss while the policy still equals the reference (every log-ratio 0), if it is a constant.
+
+    ``ln 2`` for sigmoid DPO, 1 for hinge, ``1/(4β²)`` for IPO…; ``None`` when the loss also
+    depends on the policy's own likelihoods (``sft``, RPO, reference-free) or on WPO weights.
+    """
+    if config.reference_free or config.rpo_alpha is not None or config.use_weighting or "sft" in config.loss_type:
+        return None
+    zeros = torch.zeros(1)
+    return float(dpo_loss(zeros, zeros, zeros, zeros, config).losses[0])
+
+
 class DPO(ReferenceModule):
     """Direct Preference Optimization (Rafailov et al. 2023) and the DPO loss family.
 
@@ -46,6 +58,7 @@ class DPO(ReferenceModule):
 
     data_target = "paired"
     default_lr = 5e-7
+    # Sigmoid DPO's value; each instance sets the value of its own loss (see untrained_loss).
     stuck_loss = math.log(2)
 
     def __init__(
@@ -65,8 +78,8 @@ class DPO(ReferenceModule):
         share_prompt: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(reference_free=reference_free, **kwargs)
-        self.loss_config = DPOLossConfig(
+        # The loss configuration is validated first, so a bad one fails before anything loads.
+        loss_config = DPOLossConfig(
             loss_type=tuple([loss_type] if isinstance(loss_type, str) else loss_type),
             loss_weights=None if loss_weights is None else tuple(loss_weights),
             beta=beta,
@@ -79,6 +92,9 @@ class DPO(ReferenceModule):
             use_weighting=use_weighting,
             ld_alpha=ld_alpha,
         )
+        super().__init__(reference_free=reference_free, **kwargs)
+        self.loss_config = loss_config
+        self.stuck_loss = untrained_loss(loss_config)
         self.length_normalize = "ipo" in self.loss_config.loss_type if length_normalize is None else length_normalize
         self.share_prompt = share_prompt
 

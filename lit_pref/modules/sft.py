@@ -2,11 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Literal
 
+import torch
 from torch import Tensor
+from torchmetrics import SumMetric
 
+from lit_pref.data.packing import block_causal_mask, is_packed
 from lit_pref.modules.base import AlignmentModule
+from lit_pref.ops import hidden_logps
+from lit_pref.types import CompletionLogps
+
+PackedAttention = Literal["auto", "mask", "position_ids"]
+
+
+class NEFTuneNoise:
+    """Forward hook on the input embeddings adding NEFTune noise while the module is training.
+
+    A standalone object (not a bound method of the LightningModule), so copying the model for
+    export never drags the module along.
+    """
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+
+    def __call__(self, module: torch.nn.Module, args: Any, output: Tensor) -> Tensor | None:
+        # The embedding's training flag follows Lightning's train / eval switches: no noise in
+        # validation, generation or export.
+        if not module.training:
+            return None
+        length, dim = output.shape[-2], output.shape[-1]
+        bound = self.alpha / math.sqrt(length * dim)
+        return output + torch.empty_like(output).uniform_(-bound, bound)
 
 
 class SFT(AlignmentModule):
@@ -16,7 +44,24 @@ class SFT(AlignmentModule):
     default, every token after the first with ``completion_only_loss: false``. The loss is the
     mean over all counted tokens of the batch, so long and short examples weigh per token.
 
+    Packed batches (``packing: true`` in the data module) are scored with a block-diagonal causal
+    attention mask and per-example position ids, so each example sees only its own tokens and the
+    loss equals the unpacked one.
+
+    Logged: ``loss`` (mean NLL per counted token), ``token_accuracy`` (share of counted tokens the
+    model ranks first) and, in training, ``tokens_seen`` (counted tokens trained on so far, all
+    ranks).
+
     Args:
+        neftune_noise_alpha: NEFTune (Jain et al. 2023, arXiv:2310.05914, Alg. 1): in training,
+            add uniform noise in ±α/√(L·d) to the input embeddings (L the sequence length, d the
+            embedding width; for packed rows L is the row length). ``None`` disables it; the
+            paper uses α ∈ {5, 10, 15}.
+        packed_attention: how packed rows are kept apart: ``mask`` builds a ``[R, 1, T, T]``
+            block-diagonal causal mask (eager / SDPA attention), ``position_ids`` passes no mask
+            and lets ``transformers`` find the examples from the restarting position ids (the
+            flash-attention varlen path); ``auto`` picks ``position_ids`` for flash attention and
+            ``mask`` for eager and SDPA attention.
         **kwargs: :class:`~lit_pref.modules.base.AlignmentModule` arguments (model, LoRA,
             optimizer, export…).
     """
@@ -24,21 +69,98 @@ class SFT(AlignmentModule):
     data_target = "sft"
     default_lr = 2e-5
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        neftune_noise_alpha: float | None = None,
+        packed_attention: PackedAttention = "auto",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
+        if neftune_noise_alpha is not None and not (
+            neftune_noise_alpha > 0 and math.isfinite(neftune_noise_alpha)
+        ):
+            raise ValueError(
+                f"neftune_noise_alpha must be a positive number or null, got {neftune_noise_alpha}"
+            )
+        if packed_attention not in ("auto", "mask", "position_ids"):
+            raise ValueError(f"packed_attention must be auto, mask or position_ids, got {packed_attention!r}")
+        self.neftune_noise_alpha = neftune_noise_alpha
+        self.packed_attention = packed_attention
+        self.tokens_seen = SumMetric().set_dtype(torch.float64)
+        self.tokens_seen.persistent(True)  # resumes count on from the checkpoint
+        self._neftune_handle: torch.utils.hooks.RemovableHandle | None = None
 
+    # ----------------------------------------------------------------- networks
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.neftune_noise_alpha is not None and self._neftune_handle is None:
+            embeddings = self.policy.get_input_embeddings()
+            self._neftune_handle = embeddings.register_forward_hook(NEFTuneNoise(self.neftune_noise_alpha))
+
+    # ------------------------------------------------------------------ logps
+    def packed_logps(self, model: torch.nn.Module, batch: dict[str, Any]) -> CompletionLogps:
+        """Token log-probs of a packed batch: ``[R, T − 1]``, entry ``t`` scoring token ``t + 1``."""
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+        implementation = str(getattr(model.config, "_attn_implementation", None) or "sdpa")
+        mode = self.packed_attention
+        if mode == "auto":
+            mode = "mask" if implementation in ("eager", "sdpa") else "position_ids"
+        input_ids = batch["input_ids"]
+        attention_mask = None
+        if mode == "mask":
+            # Eager attention adds the mask to its scores; SDPA takes booleans (True: attend).
+            dtype = torch.float32 if implementation == "eager" else torch.bool
+            attention_mask = block_causal_mask(batch["sequence_ids"], dtype)
+        hidden = decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=batch["position_ids"],
+            use_cache=False,
+        ).last_hidden_state
+        return hidden_logps(
+            head,
+            hidden[:, :-1],
+            input_ids[:, 1:],
+            batch["loss_mask"][:, 1:],
+            chunk_size=self.chunk_size,
+            with_argmax=True,
+        )
+
+    def batch_logps(self, batch: dict[str, Any]) -> tuple[CompletionLogps, Tensor]:
+        """The policy's log-probs of the batch's counted tokens, and those tokens (same shape)."""
+        if is_packed(batch):
+            return self.packed_logps(self.policy, batch), batch["input_ids"][:, 1:]
+        return self.logps(self.policy, batch, with_argmax=True), batch["completion_input_ids"]
+
+    # ------------------------------------------------------------------- steps
     def shared_step(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        logps = self.logps(self.policy, batch)
-        tokens = logps.count.sum()
-        loss = -logps.token_logps.sum() / tokens.clamp(min=1)
-        return loss, {"loss": loss, "tokens": tokens.float()}
+        logps, targets = self.batch_logps(batch)
+        mask = logps.mask
+        nll = -logps.token_logps[mask]
+        loss = nll.mean()
+        # Per-token values: the logged means weigh every counted token once, over the whole
+        # accumulation window and every rank.
+        metrics = {"loss": nll, "token_accuracy": (logps.argmax[mask] == targets[mask]).float()}
+        return loss, metrics
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss, metrics = self.shared_step(batch)
         self.train_metrics.update(metrics)
+        self.tokens_seen.update(
+            torch.tensor(metrics["loss"].numel(), dtype=torch.float64, device=loss.device)
+        )
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss, metrics = self.shared_step(batch)
         self.val_metrics.update(metrics)
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        logged = self._last_logged_step
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        if self._last_logged_step != logged:
+            # Same once-per-optimizer-step cadence on every rank, so the sum's all-reduce is symmetric.
+            self.log(
+                "train/tokens_seen", self.tokens_seen.compute(), on_step=True, on_epoch=False, batch_size=1
+            )

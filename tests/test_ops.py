@@ -1,0 +1,226 @@
+"""The shared log-prob path and masked reductions, checked against direct computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lit_pref.ops import (
+    completion_logps,
+    last_token_index,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    position_ids_from_mask,
+)
+from lit_pref.tiny import build_tiny_causal_lm
+
+# Prompts of 3, 1 and 5 real tokens; two completions per prompt of assorted lengths (one of a
+# single token). Token id 2 is the tiny tokenizer's pad id: it appears as a *real* token too, so
+# anything that masks by ``ids != pad`` would show up as a mismatch.
+PROMPTS = [[0, 40, 41], [0], [0, 50, 51, 2, 52]]
+COMPLETIONS = [[60, 61, 1], [62, 1], [2, 70, 71, 72, 1], [73], [80, 81, 82, 83, 84, 85, 1], [86, 87, 1]]
+PAD = 2
+
+
+def make_batch(prompts=PROMPTS, completions=COMPLETIONS, pad=PAD):
+    width_p = max(map(len, prompts))
+    width_c = max(map(len, completions))
+    prompt_ids = torch.full((len(prompts), width_p), pad)
+    prompt_mask = torch.zeros_like(prompt_ids)
+    for i, p in enumerate(prompts):
+        prompt_ids[i, width_p - len(p) :] = torch.tensor(p)
+        prompt_mask[i, width_p - len(p) :] = 1
+    completion_ids = torch.full((len(completions), width_c), pad)
+    completion_mask = torch.zeros_like(completion_ids)
+    for i, c in enumerate(completions):
+        completion_ids[i, : len(c)] = torch.tensor(c)
+        completion_mask[i, : len(c)] = 1
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+def reference_logits(model, prompts=PROMPTS, completions=COMPLETIONS):
+    """Per completion row: the full model's fp32 logits predicting each completion token, unpadded."""
+    k = len(completions) // len(prompts)
+    out = []
+    for j, completion in enumerate(completions):
+        prompt = prompts[j // k]
+        ids = torch.tensor([prompt + completion])
+        logits = model(input_ids=ids).logits[0].float()
+        out.append(logits[len(prompt) - 1 : -1])
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return build_tiny_causal_lm(tokenizer, seed=3).eval()
+
+
+def test_token_logps_equal_full_model_log_softmax(model):
+    batch = make_batch()
+    with torch.no_grad():
+        out = completion_logps(model, *batch, share_prompt=False)
+        ref = reference_logits(model)
+    assert out.token_logps.shape == batch[2].shape
+    assert torch.equal(out.mask, batch[3].bool())
+    for j, (completion, logits) in enumerate(zip(COMPLETIONS, ref, strict=True)):
+        expected = logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+        n = len(completion)
+        torch.testing.assert_close(out.token_logps[j, :n], expected, rtol=0, atol=1e-5)
+        assert torch.all(out.token_logps[j, n:] == 0)
+        torch.testing.assert_close(out.mean_logits[j], logits.mean(), rtol=0, atol=1e-5)
+    assert out.entropy is None and out.log_sq_norm is None
+    torch.testing.assert_close(out.sum, out.token_logps.sum(-1))
+    assert out.count.tolist() == [len(c) for c in COMPLETIONS]
+
+
+def test_share_prompt_equals_concatenated_rows_values_and_gradients(tokenizer):
+    batch = make_batch()
+    results = []
+    for share in (True, False):
+        model = build_tiny_causal_lm(tokenizer, seed=4).train()
+        out = completion_logps(model, *batch, share_prompt=share)
+        (out.token_logps * torch.linspace(0.5, 1.5, out.token_logps.shape[1])).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.token_logps.detach(), grads))
+    (shared, shared_grads), (plain, plain_grads) = results
+    torch.testing.assert_close(shared, plain, rtol=0, atol=1e-5)
+    assert shared_grads.keys() == plain_grads.keys()
+    # Every layer receives gradient, the prompt-only computation included.
+    assert len(plain_grads) == len(list(build_tiny_causal_lm(tokenizer).parameters()))
+    for name in plain_grads:
+        torch.testing.assert_close(shared_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_chunk_size_does_not_change_values_or_gradients(tokenizer):
+    batch = make_batch()
+    results = []
+    for chunk_size in (1, 10_000):
+        model = build_tiny_causal_lm(tokenizer, seed=5)
+        out = completion_logps(model, *batch, chunk_size=chunk_size, with_entropy=True)
+        out.token_logps.sum().backward()
+        results.append((out, model.lm_head.weight.grad.clone()))
+    (a, grad_a), (b, grad_b) = results
+    torch.testing.assert_close(a.token_logps, b.token_logps, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.entropy, b.entropy, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad_a, grad_b, rtol=1e-5, atol=1e-7)
+
+
+def test_entropy_sq_norm_and_temperature_against_direct_computation(model):
+    batch = make_batch()
+    temperature = 0.7
+    with torch.no_grad():
+        out = completion_logps(model, *batch, temperature=temperature, with_entropy=True, with_sq_norm=True)
+        ref = reference_logits(model)
+    assert not out.entropy.requires_grad and not out.log_sq_norm.requires_grad
+    for j, (completion, logits) in enumerate(zip(COMPLETIONS, ref, strict=True)):
+        logp = (logits / temperature).log_softmax(-1)
+        n = len(completion)
+        expected = logp.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+        torch.testing.assert_close(out.token_logps[j, :n], expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(out.entropy[j, :n], -(logp.exp() * logp).sum(-1), rtol=0, atol=1e-5)
+        torch.testing.assert_close(out.log_sq_norm[j, :n], (2 * logp).exp().sum(-1).log(), rtol=0, atol=1e-5)
+        assert torch.all(out.entropy[j, n:] == 0) and torch.all(out.log_sq_norm[j, n:] == 0)
+
+
+def test_completion_mask_selects_the_counted_tokens(model):
+    prompt_ids, prompt_mask, completion_ids, attention = make_batch()
+    loss_mask = attention.clone()
+    loss_mask[:, 0] = 0  # e.g. SFT not training on a first token
+    loss_mask[3, 0] = 1  # the single-token row keeps its one token
+    with torch.no_grad():
+        full = completion_logps(model, prompt_ids, prompt_mask, completion_ids, attention)
+        part = completion_logps(model, prompt_ids, prompt_mask, completion_ids, attention, loss_mask)
+    assert torch.equal(part.mask, loss_mask.bool())
+    torch.testing.assert_close(part.token_logps, torch.where(loss_mask.bool(), full.token_logps, 0.0))
+    assert part.count.tolist() == loss_mask.sum(-1).tolist()
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_padding_never_produces_nan(tiny_lm_dir, attn_implementation):
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, attn_implementation=attn_implementation)
+    assert model.config._attn_implementation == attn_implementation
+    # Heavy padding on both sides: a one-token prompt next to a long one, one-token completions.
+    prompts = [[0], [0, 10, 11, 12, 13, 14, 15, 16, 17, 18]]
+    completions = [[20], [21, 22, 23, 24, 25, 26, 1], [27, 1], [28]]
+    batch = make_batch(prompts, completions)
+    for share in (True, False):
+        model.zero_grad()
+        out = completion_logps(model, *batch, share_prompt=share)
+        assert torch.isfinite(out.token_logps).all()
+        assert torch.isfinite(out.mean_logits).all()
+        out.token_logps.sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with torch.no_grad():
+        ref = reference_logits(model, prompts, completions)
+        out = completion_logps(model, *batch)
+    for j, (completion, logits) in enumerate(zip(completions, ref, strict=True)):
+        expected = logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+        torch.testing.assert_close(out.token_logps[j, : len(completion)], expected, rtol=0, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_values_and_gradients(tokenizer):
+    batch = make_batch()
+    results = []
+    for checkpointing in (False, True):
+        model = build_tiny_causal_lm(tokenizer, seed=6).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert model.is_activation_checkpointing
+        out = completion_logps(model, *batch, share_prompt=True)
+        out.token_logps.sum().backward()
+        results.append((out.token_logps.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (plain, plain_grads), (ckpt, ckpt_grads) = results
+    torch.testing.assert_close(ckpt, plain, rtol=0, atol=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bad_layouts_raise(model):
+    prompt_ids, prompt_mask, completion_ids, attention = make_batch()
+    with pytest.raises(ValueError, match="cannot be split evenly"):
+        completion_logps(model, prompt_ids, prompt_mask, completion_ids[:5], attention[:5])
+    with pytest.raises(ValueError, match="no completion tokens"):
+        completion_logps(model, prompt_ids, prompt_mask, completion_ids, attention, torch.zeros_like(attention))
+
+
+def test_masked_mean_sum_and_var():
+    values = torch.tensor([[1.0, 2.0, float("inf")], [4.0, float("nan"), 6.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
+    assert masked_sum(values, mask).item() == 13.0
+    assert masked_mean(values, mask).item() == 13.0 / 4
+    torch.testing.assert_close(masked_mean(values, mask, dim=-1), torch.tensor([1.5, 5.0]))
+    torch.testing.assert_close(masked_mean(values, mask, dim=0), torch.tensor([2.5, 2.0, 6.0]))
+    # An empty row averages to 0, not NaN.
+    empty = masked_mean(values, torch.tensor([[0, 0, 0], [1, 0, 1]]), dim=-1)
+    torch.testing.assert_close(empty, torch.tensor([0.0, 5.0]))
+    real = torch.tensor([1.0, 2.0, 4.0, 6.0])
+    torch.testing.assert_close(masked_var(values, mask), real.var(unbiased=True))
+    torch.testing.assert_close(masked_var(values, mask, unbiased=False), real.var(unbiased=False))
+
+
+def test_masked_whiten():
+    torch.manual_seed(0)
+    values = torch.randn(4, 6) * 3 + 2
+    mask = torch.rand(4, 6) > 0.3
+    values_with_junk = torch.where(mask, values, torch.full_like(values, 1e6))
+    white = masked_whiten(values_with_junk, mask)
+    kept = white[mask]
+    torch.testing.assert_close(kept.mean(), torch.tensor(0.0), rtol=0, atol=1e-5)
+    torch.testing.assert_close(kept.var(unbiased=True), torch.tensor(1.0), rtol=0, atol=1e-4)
+    assert torch.all(white[~mask] == 0)
+    # Without shifting, the original mean is kept and only the scale changes.
+    scaled = masked_whiten(values_with_junk, mask, shift_mean=False)[mask]
+    torch.testing.assert_close(scaled.mean(), values[mask].mean(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(scaled - scaled.mean(), kept, rtol=0, atol=1e-5)
+
+
+def test_position_ids_and_last_token_index():
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    right = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+    assert position_ids_from_mask(left).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert position_ids_from_mask(right)[:, :2].tolist() == [[0, 1], [0, 1]]
+    assert last_token_index(left).tolist() == [4, 4]
+    assert last_token_index(right).tolist() == [1, 3]
