@@ -53,3 +53,11 @@ def in_project(tmp_path, tiny_lm_dir, monkeypatch) -> Path:
     shutil.copytree(tiny_lm_dir, tmp_path / "outputs" / "tiny-lm")
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def sft_dir(tiny_lm_dir, tmp_path_factory) -> Path:
+    """The tiny model briefly SFT-trained on well-scored task demonstrations (PPO/GRPO start)."""
+    from rl_helpers import mood_sft_model
+
+    return mood_sft_model(tiny_lm_dir, tmp_path_factory.getbasetemp() / "mood_sft_lm")

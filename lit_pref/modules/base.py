@@ -202,6 +202,21 @@ class AlignmentModule(LightningModule):
             **kwargs,
         )
 
+    # -------------------------------------------------------------------- steps
+    def shared_step(self, batch: dict[str, Any], split: str = "train") -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss and per-example metrics of one batch; ``split`` is ``train`` or ``val``."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss, metrics = self.shared_step(batch, "train")
+        self.train_metrics.update(metrics)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
+        loss, metrics = self.shared_step(batch, "val")
+        self.val_metrics.update(metrics)
+        return loss
+
     # --------------------------------------------------------------- optimizers
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -74,7 +74,7 @@ class CPO(AlignmentModule):
         )
         self.share_prompt = share_prompt
 
-    def shared_step(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+    def shared_step(self, batch: dict[str, Any], split: str = "train") -> tuple[Tensor, dict[str, Tensor]]:
         """Loss and per-example metrics of one batch."""
         chosen, rejected = self.logps(self.policy, batch, share_prompt=self.share_prompt).pairs()
         if self.length_normalize:
@@ -91,13 +91,3 @@ class CPO(AlignmentModule):
             "logits/rejected": rejected.mean_logits,
         }
         return out.losses.mean(), metrics
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss, metrics = self.shared_step(batch)
-        self.train_metrics.update(metrics)
-        return loss
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss, metrics = self.shared_step(batch)
-        self.val_metrics.update(metrics)
-        return loss

@@ -148,13 +148,3 @@ class DPO(ReferenceModule):
         metrics = reward_metrics(out.chosen_rewards, out.rejected_rewards, chosen.sum, rejected.sum)
         metrics |= {"loss": out.losses, "logits/chosen": chosen.mean_logits, "logits/rejected": rejected.mean_logits}
         return out.losses.mean(), metrics
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss, metrics = self.shared_step(batch, "train")
-        self.train_metrics.update(metrics)
-        return loss
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss, metrics = self.shared_step(batch, "val")
-        self.val_metrics.update(metrics)
-        return loss

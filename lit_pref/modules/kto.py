@@ -111,16 +111,6 @@ class KTO(ReferenceModule):
         }
         return out.losses.mean(), metrics
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss, metrics = self.shared_step(batch, "train")
-        self.train_metrics.update(metrics)
-        return loss
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss, metrics = self.shared_step(batch, "val")
-        self.val_metrics.update(metrics)
-        return loss
-
     # ------------------------------------------------------------------ checks
     def on_fit_start(self) -> None:
         super().on_fit_start()

@@ -183,7 +183,7 @@ class RewardModel(AlignmentModule):
         return rewards[0::2], rewards[1::2]
 
     # ------------------------------------------------------------------- steps
-    def shared_step(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+    def shared_step(self, batch: dict[str, Any], split: str = "train") -> tuple[Tensor, dict[str, Tensor]]:
         chosen, rejected = self.pair_rewards(batch)
         out = reward_loss(chosen, rejected, batch.get("margin"), self.center_rewards_coefficient)
         both = torch.cat([chosen, rejected]).detach()
@@ -197,11 +197,6 @@ class RewardModel(AlignmentModule):
             "rewards/std": both,
         }
         return out.losses.mean(), metrics
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss, metrics = self.shared_step(batch)
-        self.train_metrics.update(metrics)
-        return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         loss, metrics = self.shared_step(batch)

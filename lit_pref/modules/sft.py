@@ -133,7 +133,7 @@ class SFT(AlignmentModule):
         return self.logps(self.policy, batch, with_argmax=True), batch["completion_input_ids"]
 
     # ------------------------------------------------------------------- steps
-    def shared_step(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+    def shared_step(self, batch: dict[str, Any], split: str = "train") -> tuple[Tensor, dict[str, Tensor]]:
         logps, targets = self.batch_logps(batch)
         mask = logps.mask
         nll = -logps.token_logps[mask]
@@ -149,11 +149,6 @@ class SFT(AlignmentModule):
         self.tokens_seen.update(
             torch.tensor(metrics["loss"].numel(), dtype=torch.float64, device=loss.device)
         )
-        return loss
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss, metrics = self.shared_step(batch)
-        self.val_metrics.update(metrics)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
