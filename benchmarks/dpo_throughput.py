@@ -1,8 +1,8 @@
 """DPO training throughput and memory: lit_pref vs TRL's DPOTrainer, side by side, on CPU.
 
 Same model (random Qwen2-style: hidden 256, 4 layers, vocab 32,000), same synthetic rows (prompt
-192 tokens, completions 64 tokens + EOS, batch 4), same optimizer (AdamW), fp32, one process per
-configuration so peak memory is measured in isolation. Run by hand (TRL is an optional extra:
+192 tokens, completions 64 tokens + EOS, batch 4), each library's default optimizer (fused AdamW
+in both), fp32, one process per configuration so peak memory is measured in isolation. Run by hand (TRL is an optional extra:
 ``pip install -e .[bench]``)::
 
     python benchmarks/dpo_throughput.py [--steps 8] [--warmup 2] [--threads 2]
@@ -81,7 +81,6 @@ def rows(n: int) -> list[dict[str, str]]:
 
 def run_lit_pref(model_dir: str, steps: int, precompute: bool) -> tuple[list[float], float]:
     import lightning as L
-    import torch
     from datasets import Dataset
 
     from lit_pref.data import PreferenceDataModule
@@ -100,7 +99,6 @@ def run_lit_pref(model_dir: str, steps: int, precompute: bool) -> tuple[list[flo
         model_name_or_path=model_dir,
         tokenizer_name_or_path=f"{model_dir}/tokenizer",
         beta=0.1,
-        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6),
         precompute_ref_logps=precompute,
         ref_cache_dir=tempfile.mkdtemp(),
     )

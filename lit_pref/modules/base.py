@@ -66,6 +66,15 @@ def _then_shard(configure_model: Callable[[Any], None]) -> Callable[[Any], None]
     return wrapper
 
 
+def default_optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """AdamW with the fused kernel (one pass over each tensor instead of one per operation), or
+    the plain implementation for parameters the fused kernel does not take."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr)
+
+
 class AlignmentModule(LightningModule):
     """Base of every lit_pref module: a trainable policy plus what all algorithms need.
 
@@ -83,7 +92,8 @@ class AlignmentModule(LightningModule):
         disable_dropout: zero every dropout probability (default on: preference losses compare
             forward passes, and dropout noise biases them).
         chunk_size: completion tokens per LM-head chunk in the log-prob path.
-        optimizer: optimizer factory; default AdamW at the module's ``default_lr``.
+        optimizer: optimizer factory; default AdamW at the module's ``default_lr`` (the fused
+            kernel where the parameters allow it).
         lr_scheduler: learning-rate scheduler factory (stepped every optimizer step).
         output_dir: where the trained policy and tokenizer are saved in Hugging Face format at
             the end of fit (``None``: not saved).
@@ -223,7 +233,7 @@ class AlignmentModule(LightningModule):
         if not params:
             raise RuntimeError("the module has no trainable parameters")
         if self.optimizer_factory is None:
-            optimizer = torch.optim.AdamW(params, lr=self.default_lr)
+            optimizer = default_optimizer(params, self.default_lr)
         else:
             optimizer = self.optimizer_factory(params)
         if self.lr_scheduler_factory is None:
