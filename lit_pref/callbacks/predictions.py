@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
+
+from lit_pref.callbacks.tables import write_table
 
 COLUMNS = ("step", "epoch", "prompt", "chosen", "rejected", "chosen_reward", "rejected_reward", "correct")
 
@@ -102,30 +103,5 @@ class RewardPredictionTable(Callback):
 
     @rank_zero_only
     def _write(self, trainer: Trainer, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
         self.csv_path = directory / self.filename
-        new = not self.csv_path.exists()
-        with self.csv_path.open("a", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerows(self.rows)
-        data = [[row[c] for c in COLUMNS] for row in self.rows]
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_table"):
-                logger.log_table(key=self.key, columns=list(COLUMNS), data=data, step=trainer.global_step)
-            elif hasattr(logger, "log_text"):
-                logger.log_text(key=self.key, columns=list(COLUMNS), data=data, step=trainer.global_step)
-            elif hasattr(getattr(logger, "experiment", None), "add_text"):
-                logger.experiment.add_text(self.key, self.markdown(data), global_step=trainer.global_step)
-
-    @staticmethod
-    def markdown(data: list[list[Any]]) -> str:
-        """The table as Markdown (what TensorBoard's text panel renders)."""
-
-        def cell(value: Any) -> str:
-            return str(value).replace("|", "\\|").replace("\n", " ")
-
-        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-        lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in data]
-        return "\n".join(lines)
+        write_table(trainer, self.csv_path, self.key, COLUMNS, self.rows)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
+
+from lit_pref.callbacks.tables import write_table
 
 BASE_COLUMNS = ("step", "prompt", "completion", "score")
 
@@ -84,32 +85,7 @@ class SampleTable(Callback):
         if self._columns is None:
             extra = sorted({k for row in rows for k in row} - set(BASE_COLUMNS))
             self._columns = [*BASE_COLUMNS, *extra]
-        columns = self._columns
-        directory.mkdir(parents=True, exist_ok=True)
         self.csv_path = directory / self.filename
-        new = not self.csv_path.exists()
-        with self.csv_path.open("a", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
-        data = [[row.get(c, "") for c in columns] for row in rows]
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_table"):
-                logger.log_table(key=self.key, columns=columns, data=data, step=trainer.global_step)
-            elif hasattr(logger, "log_text"):
-                logger.log_text(key=self.key, columns=columns, data=data, step=trainer.global_step)
-            elif hasattr(getattr(logger, "experiment", None), "add_text"):
-                logger.experiment.add_text(self.key, markdown(columns, data), global_step=trainer.global_step)
+        write_table(trainer, self.csv_path, self.key, self._columns, rows)
         self.tables_written += 1
 
-
-def markdown(columns: list[str], data: list[list[Any]]) -> str:
-    """A table as Markdown (what TensorBoard's text panel renders)."""
-
-    def cell(value: Any) -> str:
-        return str(value).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in data]
-    return "\n".join(lines)
