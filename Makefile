@@ -1,4 +1,5 @@
 # `make demo` and `make test` each set up .venv on first use, then run.
+# `make test`: ruff, the mypy type check of lit_pref/, then pytest.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -22,6 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check lit_pref tests benchmarks
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q tests
 
 clean:

@@ -24,6 +24,8 @@ _EXPORTS: dict[str, str] = {
     # LightningModules, one per algorithm, and the bases to build new ones on.
     "AlignmentModule": "lit_pref.modules.base",
     "ReferenceModule": "lit_pref.modules.reference",
+    "OfflineReferenceModule": "lit_pref.modules.reference",
+    "OnlineRLModule": "lit_pref.modules.online",
     "SFT": "lit_pref.modules.sft",
     "RewardModel": "lit_pref.modules.reward",
     "DPO": "lit_pref.modules.dpo",
@@ -33,6 +35,10 @@ _EXPORTS: dict[str, str] = {
     "ORPO": "lit_pref.modules.orpo",
     "PPO": "lit_pref.modules.ppo",
     "GRPO": "lit_pref.modules.grpo",
+    # The reference component and the rollout engines.
+    "Reference": "lit_pref.reference",
+    "RolloutEngine": "lit_pref.engines.base",
+    "GenerateEngine": "lit_pref.engines.generate",
     # Data.
     "PreferenceDataModule": "lit_pref.data.datamodule",
     # Rewards and scoring.
@@ -68,14 +74,19 @@ __all__ = [
     "AlignmentModule",
     "CompletionLogps",
     "FSDP2Strategy",
+    "GenerateEngine",
     "LitPrefCLI",
+    "OfflineReferenceModule",
+    "OnlineRLModule",
     "PreferenceDataModule",
     "RefModelSync",
+    "Reference",
     "ReferenceModule",
     "RewardModel",
     "RewardPredictionTable",
     "RewardScorer",
     "RewardSet",
+    "RolloutEngine",
     "SampleTable",
     "__version__",
     "completion_logps",
@@ -106,6 +117,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real objects
     from lit_pref.cli import LitPrefCLI
     from lit_pref.data.datamodule import PreferenceDataModule
     from lit_pref.distributed import FSDP2Strategy
+    from lit_pref.engines.base import RolloutEngine
+    from lit_pref.engines.generate import GenerateEngine
     from lit_pref.evaluation import generate, mean_score, preference_accuracy
     from lit_pref.modules.base import AlignmentModule
     from lit_pref.modules.bco import BCO
@@ -113,12 +126,14 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real objects
     from lit_pref.modules.dpo import DPO
     from lit_pref.modules.grpo import GRPO
     from lit_pref.modules.kto import KTO
+    from lit_pref.modules.online import OnlineRLModule
     from lit_pref.modules.orpo import ORPO
     from lit_pref.modules.ppo import PPO
-    from lit_pref.modules.reference import ReferenceModule
+    from lit_pref.modules.reference import OfflineReferenceModule, ReferenceModule
     from lit_pref.modules.reward import RewardModel
     from lit_pref.modules.sft import SFT
     from lit_pref.ops import completion_logps
+    from lit_pref.reference import Reference
     from lit_pref.rewards import RewardSet
     from lit_pref.scoring import RewardScorer
     from lit_pref.tiny import save_tiny_model

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.distributed as dist
@@ -224,7 +224,7 @@ def shard_causal_lm(
         # group that runs forward the root: initialise the tree from the real root now, so that
         # the decoder and the head can then be called on their own (a chunked-loss pattern
         # FSDP2 supports once the root is known). FSDP2 has no public call for this.
-        fully_shard.state(model)._lazy_init()
+        fully_shard.state(model)._lazy_init()  # type: ignore[attr-defined]  # FSDP2 attaches .state at run time
     else:
         for child in model.children():
             shard_rest(child)
@@ -240,7 +240,7 @@ def synced_generation(model: nn.Module) -> None:
     """
     for module in model.modules():
         if callable(getattr(module, "generate", None)):
-            module._is_fsdp_managed_module = True
+            module._is_fsdp_managed_module = True  # type: ignore[assignment]
 
 
 def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
@@ -255,7 +255,7 @@ def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(module, options=options)
+    return cast(dict[str, Tensor], get_model_state_dict(module, options=options))
 
 
 # --------------------------------------------------------------------------- DeepSpeed

@@ -5,16 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from lit_pref.data.collate import pad
 from lit_pref.data.tokenize import encode_completion, encode_prompt
 from lit_pref.ops import completion_logps
+from lit_pref.types import CausalLM
 
 
 @torch.no_grad()
 def preference_accuracy(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict], batch_size: int = 32
+    model: CausalLM, tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict], batch_size: int = 32
 ) -> float:
     """Fraction of (prompt, chosen, rejected) rows where the model gives chosen the higher log-likelihood."""
     model.eval()
@@ -41,7 +42,7 @@ def preference_accuracy(
 
 @torch.no_grad()
 def generate(
-    model: PreTrainedModel,
+    model: CausalLM,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     max_new_tokens: int = 12,
@@ -73,7 +74,7 @@ def generate(
 
 
 def mean_score(
-    model: PreTrainedModel,
+    model: CausalLM,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     score: Callable[[str, str], float],

@@ -7,6 +7,8 @@ ranks, so every value is the mean over every example that contributed.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
@@ -36,7 +38,11 @@ class MetricGroup(torch.nn.Module):
                 if key not in self.means:
                     # nan_strategy="disable": a NaN must surface in the logged value, not be dropped.
                     self.means[key] = MeanMetric(nan_strategy="disable").to(value.device)
-                self.means[key].update(value.detach().float())
+                self.mean(key).update(value.detach().float())
+
+    def mean(self, key: str) -> MeanMetric:
+        """The running mean stored under ``key`` (``/`` spelled ``__``)."""
+        return cast(MeanMetric, self.means[key])
 
     def compute(self) -> dict[str, Tensor]:
         """Means over all ranks since the last reset, keyed ``prefix + name``; then reset.
@@ -54,14 +60,14 @@ class MetricGroup(torch.nn.Module):
         keys = gather_keys([key for key, metric in self.means.items() if metric.update_called])
         for key in keys:
             if key not in self.means:
-                device = next((m.device for m in self.means.values()), None)
+                device = next((self.mean(k).device for k in self.means), None)
                 self.means[key] = MeanMetric(nan_strategy="disable").to(device or collective_device())
-            metric = self.means[key]
+            metric = self.mean(key)
             if not metric.update_called:
                 metric.update(torch.zeros(0, device=metric.device))  # counts as updated, adds nothing
             out[self.prefix + key.replace("__", "/")] = metric.compute()
-        for metric in self.means.values():
-            metric.reset()
+        for name in self.means:
+            self.mean(name).reset()
         return out
 
 
@@ -91,6 +97,10 @@ class UnpairedMetricGroup(MetricGroup):
 
     def update(self, values: dict[str, Tensor]) -> None:
         super().update({name: value for name, value in values.items() if value.numel() > 0})
+
+    def mean(self, key: str) -> MeanMetric:
+        """The running mean stored under ``key`` (``/`` spelled ``__``)."""
+        return cast(MeanMetric, self.means[key])
 
     def compute(self) -> dict[str, Tensor]:
         out = super().compute()

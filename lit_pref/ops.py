@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from lit_pref.types import CompletionLogps
+from lit_pref.types import CausalLM, CompletionLogps
 
 
 def masked_sum(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -86,7 +86,8 @@ def _token_logps_chunk(
     return logps, mean_logits, entropy, sq_norm, argmax
 
 
-def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+def decoder_and_head(model: CausalLM) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A causal LM's decoder (no LM head) and its LM head, the two halves of the log-prob path."""
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     if decoder is model or head is None:
         raise TypeError(
@@ -96,19 +97,22 @@ def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
     return decoder, head
 
 
-def _completion_hidden(
+def completion_hidden(
     decoder: torch.nn.Module,
     prompt_input_ids: Tensor,
     prompt_attention_mask: Tensor,
     completion_input_ids: Tensor,
     completion_attention_mask: Tensor,
-    share_prompt: bool,
+    share_prompt: bool = True,
 ) -> Tensor:
-    """Hidden states that predict each completion token: ``[Bc, L, H]``.
+    """The decoder half of the log-prob path: hidden states that predict each completion token, ``[Bc, L, H]``.
 
     The prompt is left-padded and the completions right-padded, so every row's real tokens are
-    contiguous and column ``P - 1`` is always the last prompt token.
+    contiguous and column ``P - 1`` is always the last prompt token. :func:`completion_logps`
+    feeds them to the LM head; a value head (PPO) reads the same states. ``share_prompt`` is
+    ignored under gradient checkpointing (which disables the KV cache).
     """
+    share_prompt = share_prompt and not getattr(decoder, "is_activation_checkpointing", False)
     k = completion_input_ids.shape[0] // prompt_input_ids.shape[0]
     if share_prompt and k > 1:
         # The prompt is encoded once and its key/value cache reused by all k completions: the
@@ -185,9 +189,9 @@ def completion_logps(
             f"{completion_input_ids.shape[0]} completions cannot be split evenly over "
             f"{prompt_input_ids.shape[0]} prompts"
         )
-    decoder, head = _decoder_and_head(model)
+    decoder, head = decoder_and_head(model)
     share_prompt = share_prompt and not getattr(model, "is_activation_checkpointing", False)
-    hidden = _completion_hidden(
+    hidden = completion_hidden(
         decoder,
         prompt_input_ids,
         prompt_attention_mask,
@@ -245,12 +249,12 @@ def hidden_logps(
     checkpointed = torch.is_grad_enabled() and selected.requires_grad and selected.shape[0] > chunk_size
     chunks = []
     for start in range(0, selected.shape[0], chunk_size):
-        args = (head, selected[start : start + chunk_size], targets[start : start + chunk_size])
-        flags = (temperature, with_entropy, with_sq_norm, with_argmax)
+        args = (head, selected[start : start + chunk_size], targets[start : start + chunk_size],
+                temperature, with_entropy, with_sq_norm, with_argmax)  # fmt: skip
         if checkpointed:
-            chunks.append(checkpoint(_token_logps_chunk, *args, *flags, use_reentrant=False))
+            chunks.append(checkpoint(_token_logps_chunk, *args, use_reentrant=False))
         else:
-            chunks.append(_token_logps_chunk(*args, *flags))
+            chunks.append(_token_logps_chunk(*args))
 
     def scatter(column: int) -> Tensor:
         values = torch.cat([chunk[column] for chunk in chunks])

@@ -17,9 +17,10 @@ reward the same way.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -32,7 +33,8 @@ from transformers import (
 
 from lit_pref.data.tokenize import TruncationConfig, encode_completion, encode_prompt, truncate
 from lit_pref.models import DTYPES, freeze, is_adapter_dir, is_peft_model, load_causal_lm, load_tokenizer
-from lit_pref.ops import last_token_index, position_ids_from_mask
+from lit_pref.ops import completion_hidden, last_token_index, position_ids_from_mask
+from lit_pref.types import CausalLM, CompletionBatch
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 # Attribute names of a sequence classifier's output layer, in the order they are tried.
@@ -41,6 +43,7 @@ CLASSIFIER_HEADS = ("score", "classifier")
 __all__ = [
     "VALUE_HEAD_FILE",
     "RewardScorer",
+    "ValueModel",
     "has_value_head",
     "is_sequence_classifier",
     "load_reward_network",
@@ -50,15 +53,37 @@ __all__ = [
     "reward_network_parts",
     "save_value_head",
     "sequence_rewards",
+    "values_from_hidden",
+    "zero_value_head",
 ]
 
 
 # ----------------------------------------------------------------- value head
-def new_value_head(hidden_size: int) -> torch.nn.Linear:
-    """A fresh ``hidden_size → 1`` linear value head (weights ~ N(0, 1/hidden_size), bias 0)."""
-    head = torch.nn.Linear(hidden_size, 1)
-    torch.nn.init.normal_(head.weight, std=hidden_size**-0.5)
-    torch.nn.init.zeros_(head.bias)
+def new_value_head(
+    hidden_size: int,
+    init: Literal["normal", "zeros"] = "normal",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.nn.Linear:
+    """A fresh ``hidden_size → 1`` linear head: the one constructor of reward and value heads.
+
+    Args:
+        hidden_size: width of the hidden states it reads.
+        init: ``normal``: weights ~ N(0, 1/hidden_size) and a zero bias, for a reward model
+            (rewards differ between completions from the first step, so the backbone gets a
+            gradient at once); ``zeros``: zero weights and no bias, for PPO's value function
+            (V = 0 at the start, so the first advantages are the KL-shaped returns themselves).
+        dtype: parameter dtype (default: torch's).
+        device: parameter device.
+    """
+    if init not in ("normal", "zeros"):
+        raise ValueError(f"init must be normal or zeros, got {init!r}")
+    head = torch.nn.Linear(hidden_size, 1, bias=init == "normal", dtype=dtype, device=device)
+    if init == "zeros":
+        torch.nn.init.zeros_(head.weight)
+    else:
+        torch.nn.init.normal_(head.weight, std=hidden_size**-0.5)
+        torch.nn.init.zeros_(head.bias)
     return head
 
 
@@ -156,7 +181,7 @@ def load_reward_network(
 
 # ----------------------------------------------------------------- the reward
 def reward_network_parts(
-    model: torch.nn.Module, value_head: torch.nn.Module | None = None
+    model: CausalLM, value_head: torch.nn.Module | None = None
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(backbone returning ``last_hidden_state``, head mapping a hidden state to one reward).
 
@@ -265,6 +290,7 @@ class RewardScorer(torch.nn.Module):
     ) -> RewardScorer:
         """Load a reward model saved by the reward stage (either head type, merged or as a LoRA adapter)."""
         directory = str(directory)
+        model: CausalLM
         model, value_head = load_reward_network(directory, dtype, attn_implementation)
         if is_peft_model(model):
             model = model.merge_and_unload()
@@ -273,7 +299,7 @@ class RewardScorer(torch.nn.Module):
             model.config.pad_token_id = tokenizer.pad_token_id
         scorer = cls(model, tokenizer, value_head, batch_size=batch_size, max_length=max_length)
         if value_head is not None:
-            scorer.value_head.to(next(model.parameters()).dtype)
+            value_head.to(next(model.parameters()).dtype)
         return scorer.to(device) if device is not None else scorer
 
     def train(self, mode: bool = True) -> RewardScorer:
@@ -339,3 +365,70 @@ class RewardScorer(torch.nn.Module):
     def extra_repr(self) -> str:
         kind = "value head" if self.value_head is not None else "sequence classifier"
         return f"{kind}, batch_size={self.batch_size}"
+
+
+# ------------------------------------------------------------- value networks
+class ValueModel(torch.nn.Module):
+    """A transformer backbone with a scalar head: ``V(s_t)`` at every completion position.
+
+    ``V(s_t)`` is read from the hidden state that predicts completion token ``t`` (the state
+    before the action), through the same prompt/completion layout as the log-prob path.
+
+    Args:
+        backbone: the decoder (a ``transformers`` base model, no LM head).
+        head: ``Linear(hidden, 1)``.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    @classmethod
+    def from_pretrained(
+        cls, source: str, dtype: str = "auto", attn_implementation: str | None = None
+    ) -> ValueModel:
+        """From a reward-model directory (its head is kept; a LoRA adapter is merged) or a causal LM
+        (its decoder, with a zero head)."""
+        if (
+            has_value_head(source)
+            or is_adapter_dir(source)
+            or is_sequence_classifier(AutoConfig.from_pretrained(source))
+        ):
+            model: CausalLM
+            model, value_head = load_reward_network(source, dtype, attn_implementation, trainable=True)
+            if is_peft_model(model):
+                model = model.merge_and_unload()
+            return cls(*reward_network_parts(model, value_head))
+        return cls.from_causal_lm(load_causal_lm(source, dtype, attn_implementation), copy_decoder=False)
+
+    @classmethod
+    def from_causal_lm(cls, model: CausalLM, copy_decoder: bool = True) -> ValueModel:
+        """A causal LM's decoder (a copy unless ``copy_decoder`` is off) with a zero head."""
+        decoder = copy.deepcopy(model.get_decoder()) if copy_decoder else model.get_decoder()
+        return cls(decoder, zero_value_head(model))
+
+    def forward(self, batch: CompletionBatch, share_prompt: bool = True) -> Tensor:
+        """``[Bc, L]`` float32 values of the completion positions of ``batch`` (0 where masked)."""
+        hidden = completion_hidden(
+            self.backbone,
+            batch["prompt_input_ids"],
+            batch["prompt_attention_mask"],
+            batch["completion_input_ids"],
+            batch["completion_attention_mask"],
+            share_prompt,
+        )
+        return values_from_hidden(self.head, hidden, batch["completion_attention_mask"])
+
+
+def zero_value_head(model: CausalLM) -> torch.nn.Linear:
+    """A zero-initialised value head matching a causal LM's hidden width, dtype and device."""
+    weight = model.get_output_embeddings().weight
+    return new_value_head(weight.shape[1], "zeros", dtype=weight.dtype, device=weight.device)
+
+
+def values_from_hidden(head: torch.nn.Module, hidden: Tensor, mask: Tensor) -> Tensor:
+    """``[B, L]`` float32 values a scalar head reads from hidden states (0 where ``mask`` is unset)."""
+    weight = next(head.parameters())
+    values = head(hidden.to(weight.dtype)).squeeze(-1).float()
+    return torch.where(mask.bool(), values, torch.zeros_like(values))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import Any
 
 from datasets import Dataset, DatasetDict
 
@@ -62,7 +63,7 @@ def _as_messages(prompt: str, completion: str | None = None) -> tuple[list[dict]
 def sft_rows(n: int, seed: int = 0, conversational: bool = False) -> list[dict]:
     """``n`` prompt/completion rows from the mildly aligned supervised distribution."""
     rng = random.Random(seed)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for prompt in _prompts(rng, n):
         completion = " " + _sample_completion(rng, parse_mood(prompt))
         if conversational:
@@ -76,7 +77,7 @@ def sft_rows(n: int, seed: int = 0, conversational: bool = False) -> list[dict]:
 def preference_rows(n: int, seed: int = 0, conversational: bool = False) -> list[dict]:
     """``n`` (prompt, chosen, rejected) rows; chosen scores strictly higher than rejected."""
     rng = random.Random(seed)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for prompt in _prompts(rng, n):
         mood = parse_mood(prompt)
         while True:

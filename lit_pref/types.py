@@ -1,10 +1,12 @@
-"""Small typed containers that flow between a forward pass and a loss."""
+"""Typed containers at module boundaries: the batches collators produce and the log-probs a forward pass returns."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, TypeAlias, TypedDict
 
 from torch import Tensor
+from typing_extensions import NotRequired
 
 
 @dataclass
@@ -61,3 +63,65 @@ class CompletionLogps:
             log_sq_norm=None if self.log_sq_norm is None else self.log_sq_norm[rows],
             argmax=None if self.argmax is None else self.argmax[rows],
         )
+
+
+# --------------------------------------------------------------------------- batches
+# What the data module's collators hand a module, by data shape. Prompts are left-padded and
+# completions right-padded (the layout of the shared log-prob path); any other dataset column
+# passes through as a list (or a tensor for ``index`` / ``label`` / ``margin``).
+
+
+class CompletionBatch(TypedDict):
+    """Prompts and the completions that continue them: what :func:`lit_pref.ops.completion_logps` reads.
+
+    ``Bc = k·Bp`` completions; completion row ``j`` continues prompt ``j // k``.
+    """
+
+    prompt_input_ids: Tensor  # [Bp, P]
+    prompt_attention_mask: Tensor  # [Bp, P]
+    completion_input_ids: Tensor  # [Bc, L]
+    completion_attention_mask: Tensor  # [Bc, L]
+    completion_mask: NotRequired[Tensor]  # [Bc, L] tokens whose log-prob counts (default: all real ones)
+
+
+class PairedBatch(CompletionBatch):
+    """Chosen / rejected pairs: completion rows ``2i`` (chosen) and ``2i + 1`` (rejected) continue prompt ``i``."""
+
+    index: Tensor  # [Bp] row ids of the split (the precomputed reference table is keyed by them)
+    margin: NotRequired[Tensor]  # [Bp] preference strength (reward modelling)
+
+
+class UnpairedBatch(CompletionBatch):
+    """One completion per prompt with a desirable / undesirable label (KTO, BCO)."""
+
+    index: Tensor  # [B]
+    label: Tensor  # [B] bool, desirable
+    kl_completion_input_ids: NotRequired[Tensor]  # [B, L'] another row's completion (KTO's z0)
+    kl_completion_attention_mask: NotRequired[Tensor]
+
+
+class PackedBatch(TypedDict):
+    """SFT rows packed into ``R`` sequences of ``T`` tokens (``packing: true``)."""
+
+    input_ids: Tensor  # [R, T]
+    position_ids: Tensor  # [R, T] restarting at 0 in every packed example
+    sequence_ids: Tensor  # [R, T] which example of the row each token belongs to
+    loss_mask: Tensor  # [R, T] tokens the NLL counts
+
+
+SFTBatch = CompletionBatch | PackedBatch
+
+
+class PromptBatch(TypedDict):
+    """Prompts only (PPO, GRPO): the raw ``prompt`` column and every other dataset column come along
+    for reward functions."""
+
+    prompt_input_ids: Tensor  # [P, Lp]
+    prompt_attention_mask: Tensor  # [P, Lp]
+    prompt: NotRequired[list[Any]]  # text or messages per row
+
+
+# A transformers causal LM (``PreTrainedModel``), possibly PEFT-wrapped. Typed as ``Any``: a PEFT
+# model forwards every attribute to the model it wraps, which no static type describes, and
+# ``torch.nn.Module.__getattr__`` would type each such attribute ``Tensor | Module``.
+CausalLM: TypeAlias = Any

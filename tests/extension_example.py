@@ -19,9 +19,8 @@ from torch import Tensor
 
 from lit_pref import DPO
 from lit_pref.evaluation import generate
-from lit_pref.losses.dpo import dpo_loss
-from lit_pref.metrics import reward_metrics
 from lit_pref.tasks import MOODS, make_prompt, score
+from lit_pref.types import PairedBatch
 
 
 # --------------------------------------------------------------------------- a new loss term
@@ -46,27 +45,18 @@ class DPOWithChosenFloor(DPO):
         super().__init__(**kwargs)
         if floor_weight < 0:
             raise ValueError(f"floor_weight must be >= 0, got {floor_weight}")
-        if self.reference_kind == "none":
+        if self.reference.kind == "none":
             raise ValueError(
                 "DPOWithChosenFloor compares with the reference; reference_free is not available"
             )
-        if self.loss_config.use_weighting or self.loss_config.ld_alpha is not None:
-            raise ValueError("DPOWithChosenFloor does not support use_weighting / ld_alpha")
         self.floor_weight = floor_weight
 
-    def shared_step(self, batch: dict[str, Any], split: str) -> tuple[Tensor, dict[str, Tensor]]:
-        policy = self.logps(self.policy, batch, share_prompt=self.share_prompt)
-        chosen_logps, rejected_logps = self.pair_logps(policy)  # summed (or averaged, for IPO)
-        reference = self.reference_values_for(batch, split)  # [B, 2]: chosen, rejected
-        ref_chosen, ref_rejected = reference[:, 0], reference[:, 1]
-        chosen, rejected = policy.pairs()
-        out = dpo_loss(
-            chosen_logps, rejected_logps, ref_chosen, ref_rejected, self.loss_config, chosen_nll=-chosen.mean
-        )
-        floor = (ref_chosen.detach() - chosen_logps).clamp(min=0)
-        losses = out.losses + self.floor_weight * floor
-        metrics = reward_metrics(out.chosen_rewards, out.rejected_rewards, chosen.sum, rejected.sum)
-        metrics |= {"loss": losses, "dpo_loss": out.losses.detach(), "chosen_floor": floor.detach()}
+    def shared_step(self, batch: PairedBatch, split: str) -> tuple[Tensor, dict[str, Tensor]]:
+        step = self.dpo_step(batch, split)  # policy and reference log-probs, the DPO loss, its metrics
+        assert step.ref_chosen is not None
+        floor = (step.ref_chosen.detach() - step.chosen_logps).clamp(min=0)
+        losses = step.losses + self.floor_weight * floor
+        metrics = step.metrics | {"loss": losses, "dpo_loss": step.losses.detach(), "chosen_floor": floor.detach()}
         return losses.mean(), metrics
 
 

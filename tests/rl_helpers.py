@@ -11,8 +11,9 @@ import torch
 from lit_pref import tasks
 from lit_pref.data.datamodule import PreferenceDataModule
 from lit_pref.data.tokenize import encode_prompt
+from lit_pref.engines import GenerateEngine, GenerationSettings
 from lit_pref.modules import SFT
-from lit_pref.rollout import GenerationSettings, generate_rollout
+from lit_pref.rollout import generate_rollout
 
 
 def length_reward(prompts, completions, **_):
@@ -73,7 +74,7 @@ def mean_reward(policy, tokenizer, num_generations: int = 4, seed: int = 1234) -
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     rollout = generate_rollout(
-        policy, batch, GenerationSettings(max_new_tokens=10), tokenizer, num_generations
+        GenerateEngine(), policy, batch, GenerationSettings(max_new_tokens=10), tokenizer, num_generations
     )
     torch.random.set_rng_state(state)
     rewards = tasks.mood_reward(rollout.completion_prompts(), rollout.completions)

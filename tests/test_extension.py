@@ -100,7 +100,6 @@ def test_subclass_adds_its_loss_term_to_dpo(user_code, tiny_lm_dir):
     floored = user_code.DPOWithChosenFloor(model_name_or_path=str(tiny_lm_dir), floor_weight=3.0)
     for module in (plain, floored):
         module.configure_model()
-        module.load_reference()
     # Move the policies away from their references, identically, so the hinge is active on some rows.
     with torch.no_grad():
         noise = {n: 0.01 * torch.randn_like(p) for n, p in plain.policy.named_parameters()}

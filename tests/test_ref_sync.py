@@ -93,11 +93,11 @@ def test_sync_separate_reference_every_optimizer_step(tiny_lm_dir, tmp_path, syn
     """Frozen copy as reference; 2 optimizer steps of 2 accumulated micro-batches each; syncing
     every step happens twice (optimizer steps, not micro-batches), each an exact mixture."""
     cli = fit_with_sync(tiny_lm_dir, tmp_path, 1, 0.5, "--trainer.max_steps=2", "--trainer.accumulate_grad_batches=2")
-    assert cli.model.reference_kind == "copy"
+    assert cli.model.reference.kind == "copy"
     assert [r["step"] for r in sync_spy] == [1, 2]
     assert len(sync_spy[0]["before"]) == len(list(cli.model.policy.parameters()))
     assert_exact_mixtures(sync_spy)
-    assert all(not p.requires_grad for p in cli.model.reference.parameters())
+    assert all(not p.requires_grad for p in cli.model.reference.network.parameters())
 
 
 def test_sync_reference_adapter(adapter_dir, tmp_path, sync_spy):
@@ -105,7 +105,7 @@ def test_sync_reference_adapter(adapter_dir, tmp_path, sync_spy):
     reference adapter every 2 steps; the base weights never change."""
     cli = fit_with_sync(adapter_dir, tmp_path, 2, 0.5, "--trainer.max_steps=4")
     module = cli.model
-    assert module.reference_kind == "adapter"
+    assert module.reference.kind == "adapter"
     assert [r["step"] for r in sync_spy] == [2, 4]
     names = list(sync_spy[0]["before"])
     assert names and all(".reference." in n for n in names)
@@ -127,7 +127,7 @@ def test_hard_sync_copies_the_policy(tiny_lm_dir):
         for param in module.policy.parameters():
             param.add_(torch.randn_like(param))
     RefModelSync(sync_steps=1, mixup_alpha=1.0).sync(module)
-    reference = dict(module.reference.named_parameters())
+    reference = dict(module.reference.network.named_parameters())
     for name, param in module.policy.named_parameters():
         assert torch.equal(reference[name], param), name
         assert reference[name].data_ptr() != param.data_ptr()
@@ -140,9 +140,9 @@ def test_soft_sync_matches_the_formula_for_any_alpha(tiny_lm_dir):
         for param in module.policy.parameters():
             param.add_(torch.randn_like(param))
     policy = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
-    before = {n: p.detach().clone() for n, p in module.reference.named_parameters()}
+    before = {n: p.detach().clone() for n, p in module.reference.network.named_parameters()}
     RefModelSync(sync_steps=1, mixup_alpha=0.6).sync(module)
-    for name, param in module.reference.named_parameters():
+    for name, param in module.reference.network.named_parameters():
         torch.testing.assert_close(param, 0.6 * policy[name] + 0.4 * before[name], atol=1e-6, rtol=0)
 
 

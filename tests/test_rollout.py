@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lit_pref.engines import GenerateEngine, GenerationSettings
+from lit_pref.engines.base import cut_after_eos, eos_token_ids, pad_right
+from lit_pref.modules.online import completion_stats, minibatch_indices
 from lit_pref.ops import completion_logps
-from lit_pref.rollout import (
-    GenerationSettings,
-    Rollout,
-    completion_stats,
-    cut_after_eos,
-    eos_token_ids,
-    generate_rollout,
-    map_chunks,
-    minibatch_indices,
-    pad_right,
-)
+from lit_pref.rollout import CompletionTensors, Rollout, generate_rollout, score_in_chunks
 
 PROMPTS = [
     "Write a happy line about rain:",
@@ -78,7 +73,7 @@ def test_rollout_layout_and_logps_match_generate(lm, tokenizer):
     batch = prompt_batch(tokenizer, mood=["happy", "sad", "sad"])
     settings = GenerationSettings(max_new_tokens=6, temperature=0.7)
     torch.manual_seed(0)
-    rollout = generate_rollout(lm, batch, settings, tokenizer, num_generations=2, rollout_batch_size=2)
+    rollout = generate_rollout(GenerateEngine(2), lm, batch, settings, tokenizer, num_generations=2)
     assert rollout.num_prompts == 3 and rollout.num_completions == 6
     assert rollout.completion_input_ids.shape == rollout.completion_attention_mask.shape
     assert rollout.completion_input_ids.shape[1] <= 6
@@ -128,7 +123,7 @@ def test_rollout_layout_and_logps_match_generate(lm, tokenizer):
 
 def test_generation_restores_training_mode(lm, tokenizer):
     lm.train()
-    generate_rollout(lm, prompt_batch(tokenizer), GenerationSettings(3), tokenizer)
+    generate_rollout(GenerateEngine(), lm, prompt_batch(tokenizer), GenerationSettings(3), tokenizer)
     assert lm.training
     lm.eval()
 
@@ -145,25 +140,40 @@ def _toy_rollout(k=2):
         prompts=["a", "b", "c"],
         completions=["a0", "a1", "b0", "b1", "c0", "c1"],
         columns={"x": [10, 11, 12]},
-        data={"v": torch.arange(6.0)},
     )
 
 
+@dataclass
+class ToyTensors(CompletionTensors):
+    v: torch.Tensor
+    absent: torch.Tensor | None = None
+
+
 def test_select_keeps_groups_together():
-    sub = _toy_rollout().select(torch.tensor([2, 0]))
+    rollout = _toy_rollout()
+    rows = torch.tensor([2, 0])
+    sub = rollout.select(rows)
     assert sub.prompts == ["c", "a"] and sub.completions == ["c0", "c1", "a0", "a1"]
     assert sub.columns == {"x": [12, 10]}
-    assert sub.data["v"].tolist() == [4.0, 5.0, 0.0, 1.0]
+    tensors = ToyTensors(torch.arange(6.0)).select(rollout.completion_rows(rows))
+    assert tensors.v.tolist() == [4.0, 5.0, 0.0, 1.0] and tensors.absent is None
     assert sub.completion_input_ids[:, 0].tolist() == [8, 10, 0, 2]
     assert sub.ended.tolist() == [False, True, True, False]
 
 
-def test_chunks_and_map_chunks():
+def test_chunks_and_score_in_chunks():
     rollout = _toy_rollout()
     assert [c.num_completions for c in rollout.chunks(4)] == [4, 2]
     assert [c.num_completions for c in rollout.chunks(1)] == [2, 2, 2]  # at least one whole group
-    out = map_chunks(rollout, 3, lambda c: {"twice": c.data["v"] * 2, "skipped": None})
-    assert out["twice"].tolist() == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0] and "skipped" not in out
+    sizes = []
+
+    def twice(chunk):
+        sizes.append(chunk.num_completions)
+        return ToyTensors(chunk.completion_input_ids[:, 0].float() * 2)
+
+    out = score_in_chunks(rollout, 3, twice)
+    assert sizes == [2, 2, 2]  # 3 rows hold one whole group of 2
+    assert out.v.tolist() == [0.0, 4.0, 8.0, 12.0, 16.0, 20.0] and out.absent is None
 
 
 def test_sequences_put_real_tokens_first():

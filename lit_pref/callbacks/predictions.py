@@ -62,12 +62,13 @@ class RewardPredictionTable(Callback):
     ) -> None:
         if trainer.sanity_checking or len(self.rows) >= self.num_rows:
             return
+        module: Any = pl_module  # a RewardModel (pair_rewards, tokenizer)
         if isinstance(outputs, dict) and "chosen_rewards" in outputs:
             chosen, rejected = outputs["chosen_rewards"], outputs["rejected_rewards"]
         else:
             with torch.no_grad():
-                chosen, rejected = pl_module.pair_rewards(batch)
-        decode = pl_module.tokenizer.decode
+                chosen, rejected = module.pair_rewards(batch)
+        decode = module.tokenizer.decode
         prompts, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"].bool()
         completions, completion_mask = (
             batch["completion_input_ids"],

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from lightning import Callback, LightningModule, Trainer
 
+from lit_pref.reference import Reference
+
 log = logging.getLogger(__name__)
 
 
@@ -49,10 +51,11 @@ class RefModelSync(Callback):
     @staticmethod
     def check_syncable(pl_module: LightningModule) -> None:
         """Raise a clear error when ``pl_module``'s reference cannot be synced."""
-        kind = getattr(pl_module, "reference_kind", None)
-        if kind is None:
+        reference = getattr(pl_module, "reference", None)
+        if not isinstance(reference, Reference):
             raise ValueError(f"RefModelSync needs a module with a reference model; {type(pl_module).__name__} has none")
-        if getattr(pl_module, "precompute_ref_logps", False):
+        kind = reference.kind
+        if getattr(pl_module, "ref_logp_table", None) is not None:
             raise ValueError(
                 "RefModelSync cannot update precomputed reference log-probs (they are fixed for the whole "
                 "run); set precompute_ref_logps=false or drop the callback"
@@ -76,8 +79,8 @@ class RefModelSync(Callback):
         """``(name, policy tensor, reference tensor)`` for every reference weight that is synced."""
         RefModelSync.check_syncable(pl_module)
         policy = pl_module.policy
-        if pl_module.reference_kind == "adapter":
-            trained, frozen = "default", pl_module.ref_adapter_name
+        if pl_module.reference.kind == "adapter":
+            trained, frozen = "default", pl_module.reference.adapter_name
             configs = policy.peft_config
             for field in ("r", "lora_alpha", "use_rslora", "target_modules"):
                 if getattr(configs[trained], field, None) != getattr(configs[frozen], field, None):
@@ -96,7 +99,7 @@ class RefModelSync(Callback):
             if not pairs:
                 raise ValueError(f"the policy has no weights of the {trained!r} adapter to sync")
             return pairs
-        reference = pl_module.reference
+        reference = pl_module.reference.network
         if reference is None:
             raise ValueError("RefModelSync found no reference network on the module")
         from lit_pref.models import is_peft_model

@@ -44,4 +44,5 @@ def write_table(
         elif hasattr(logger, "log_text"):
             logger.log_text(key=key, columns=columns, data=data, step=trainer.global_step)
         elif hasattr(getattr(logger, "experiment", None), "add_text"):
-            logger.experiment.add_text(key, markdown(columns, data), global_step=trainer.global_step)
+            experiment: Any = getattr(logger, "experiment")  # noqa: B009 (Logger does not declare it)
+            experiment.add_text(key, markdown(columns, data), global_step=trainer.global_step)

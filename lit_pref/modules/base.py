@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import functools
+import copy
 import logging
 import math
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,34 +35,9 @@ from lit_pref.models import (
     load_tokenizer,
 )
 from lit_pref.ops import completion_logps
-from lit_pref.types import CompletionLogps
+from lit_pref.types import CausalLM, CompletionBatch, CompletionLogps
 
 log = logging.getLogger(__name__)
-
-
-def _then_shard(configure_model: Callable[[Any], None]) -> Callable[[Any], None]:
-    """Run ``configure_model``, then (outermost call only) :meth:`AlignmentModule.shard_networks`.
-
-    Subclasses build their networks after ``super().configure_model()`` (a frozen copy of the
-    policy, a reference adapter loaded into it, a value network from its decoder…), so sharding
-    must wait until the outermost override has returned.
-    """
-
-    @functools.wraps(configure_model)
-    def wrapper(self: Any) -> None:
-        depth = self.__dict__.get("_configure_depth", 0)
-        self.__dict__["_configure_depth"] = depth + 1
-        strategy = self._trainer.strategy if self._trainer is not None and depth == 0 else None
-        try:
-            with zero3_loading(strategy):
-                configure_model(self)
-        finally:
-            self.__dict__["_configure_depth"] = depth
-        if self.__dict__["_configure_depth"] == 0:
-            self.shard_networks()
-
-    wrapper._then_shard = True  # type: ignore[attr-defined]
-    return wrapper
 
 
 def default_optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -79,7 +53,8 @@ class AlignmentModule(LightningModule):
     """Base of every lit_pref module: a trainable policy plus what all algorithms need.
 
     Subclasses set ``data_target`` (the data shape they train on) and implement
-    ``training_step`` / ``validation_step``; they add their other networks in ``configure_model``.
+    :meth:`shared_step` (or ``training_step`` / ``validation_step``); they add their other
+    networks by overriding :meth:`build_networks`.
 
     Args:
         model_name_or_path: the policy: a hub id, a local directory, or a model object.
@@ -105,7 +80,7 @@ class AlignmentModule(LightningModule):
     data_target: ClassVar[str] = "paired"
     default_lr: ClassVar[float] = 1e-5
     # The loss value that means "nothing learned yet"; None when there is no such value.
-    stuck_loss: ClassVar[float | None] = None
+    stuck_loss: float | None = None
 
     def __init__(
         self,
@@ -142,15 +117,16 @@ class AlignmentModule(LightningModule):
         self.output_dir = output_dir
         self.merge_lora = merge_lora
         self.alarm_after_steps = alarm_after_steps
-        self.policy: torch.nn.Module | None = None
+        self.policy: Any = None  # a transformers / PEFT model once build_networks has run
+        self._networks_built = False
         self.train_metrics = MetricGroup("train/")
         self.val_metrics = MetricGroup("val/")
         self._last_logged_step = -1
 
     # ----------------------------------------------------------------- networks
-    def load_policy(self) -> torch.nn.Module:
+    def load_policy(self) -> CausalLM:
         """Load the trainable policy (LoRA-wrapped when ``peft`` is set)."""
-        if is_adapter_dir(self.model_source):
+        if isinstance(self.model_source, str) and is_adapter_dir(self.model_source):
             if self.peft_config is not None:
                 raise ValueError("model_name_or_path is already a PEFT adapter; drop the peft settings")
             policy = load_adapter_model(self.model_source, self.dtype_name, self.attn_implementation)
@@ -166,19 +142,38 @@ class AlignmentModule(LightningModule):
             disable_dropout(policy)
         return policy.train()
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        hook = cls.__dict__.get("configure_model")
-        if hook is not None and not getattr(hook, "_then_shard", False):
-            cls.configure_model = _then_shard(hook)
+    def load_network(self, source: str) -> torch.nn.Module:
+        """A causal LM from ``source`` loaded as the policy is (dtype, attention, dropout), for the
+        frozen networks a module compares with."""
+        model = load_causal_lm(source, self.dtype_name, self.attn_implementation)
+        if self.zero_dropout:
+            disable_dropout(model)
+        return model
 
-    @_then_shard
+    def datamodule(self) -> Any:
+        """The trainer's data module (``None`` when fit was given bare data loaders)."""
+        return getattr(self.trainer, "datamodule", None)
+
+    def build_networks(self) -> None:
+        """Build every network the module holds; called exactly once, by :meth:`configure_model`.
+
+        The base builds the policy; a subclass that holds more (a reference, a value network,
+        reward models) overrides this, calls ``super().build_networks()`` first, then builds its own.
+        """
+        self.policy = self.load_policy()
+
     def configure_model(self) -> None:
-        # Lightning calls this inside the strategy's context (sharded init under FSDP), once per
-        # fit/validate call: loading is idempotent. Every override (and this) is followed by
-        # shard_networks once the outermost one returns.
-        if self.policy is None:
-            self.policy = self.load_policy()
+        """Build the networks (first call only), then shard them under FSDP2.
+
+        Lightning calls this inside the strategy's context (sharded init under FSDP, partitioned
+        under ZeRO-3) once per fit / validate call; building is not repeated. Override
+        :meth:`build_networks`, not this.
+        """
+        if not self._networks_built:
+            with zero3_loading(self._trainer.strategy if self._trainer is not None else None):
+                self.build_networks()
+            self._networks_built = True
+        self.shard_networks()
 
     def shard_networks(self) -> None:
         """Shard every network the module holds, frozen ones included, when Lightning gave it a
@@ -199,7 +194,7 @@ class AlignmentModule(LightningModule):
             if any(True for _ in child.parameters()):
                 shard_causal_lm(child, mesh)
 
-    def logps(self, model: torch.nn.Module, batch: dict[str, Any], **kwargs: Any) -> CompletionLogps:
+    def logps(self, model: torch.nn.Module, batch: CompletionBatch, **kwargs: Any) -> CompletionLogps:
         """Completion log-probs of ``batch`` under ``model`` through the shared path."""
         return completion_logps(
             model,
@@ -213,16 +208,23 @@ class AlignmentModule(LightningModule):
         )
 
     # -------------------------------------------------------------------- steps
-    def shared_step(self, batch: dict[str, Any], split: str = "train") -> tuple[Tensor, dict[str, Tensor]]:
-        """Loss and per-example metrics of one batch; ``split`` is ``train`` or ``val``."""
+    def shared_step(self, batch: Any, split: str) -> tuple[Tensor, dict[str, Tensor]]:
+        """The step contract of every offline module: ``(loss, metrics)`` of one batch.
+
+        ``loss`` is the scalar that is backpropagated; ``metrics`` maps names to detached
+        tensors (per example, per token or scalar), averaged into ``train/<name>`` /
+        ``val/<name>`` over the optimizer step's micro-batches and every rank. ``split`` is
+        ``train`` or ``val``; state that only training updates (BCO's reward shift) is updated
+        when it is ``train``.
+        """
         raise NotImplementedError
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         loss, metrics = self.shared_step(batch, "train")
         self.train_metrics.update(metrics)
         return loss
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
+    def validation_step(self, batch: Any, batch_idx: int) -> Any:
         loss, metrics = self.shared_step(batch, "val")
         self.val_metrics.update(metrics)
         return loss
@@ -239,7 +241,11 @@ class AlignmentModule(LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": "step"}
+        if self.automatic_optimization and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            # Lightning steps it with a monitored value (the online modules step it themselves).
+            config["monitor"] = "train/loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}
 
     # ------------------------------------------------------------------ metrics
     def on_train_start(self) -> None:
@@ -289,13 +295,13 @@ class AlignmentModule(LightningModule):
         if self.output_dir is not None:
             self.save_pretrained(self.output_dir)
 
-    def export_model(self) -> torch.nn.Module | None:
+    def export_model(self) -> CausalLM | None:
         """The policy as it should be saved (LoRA merged into a copy when ``merge_lora``).
 
         Under FSDP2 this is a collective (every rank must call it): the shards are gathered into
         an unsharded replica on global rank zero, and the other ranks get ``None``.
         """
-        policy = self.policy
+        policy: CausalLM = self.policy
         if is_sharded(policy):
             if not isinstance(self.model_source, str):
                 raise RuntimeError(
@@ -311,8 +317,6 @@ class AlignmentModule(LightningModule):
                 raise RuntimeError(f"the gathered policy weights lack {missing[:5]}")
             return policy.merge_and_unload() if is_peft_model(policy) and self.merge_lora else policy
         if is_peft_model(policy) and self.merge_lora:
-            import copy
-
             return copy.deepcopy(policy).merge_and_unload()
         return policy
 

@@ -12,12 +12,13 @@ from torch import Tensor
 from lit_pref.distributed import all_reduce_sum
 from lit_pref.losses.kto import RunningMean, bco_loss
 from lit_pref.metrics import UnpairedMetricGroup
-from lit_pref.modules.reference import ReferenceModule
+from lit_pref.modules.reference import OfflineReferenceModule
+from lit_pref.types import UnpairedBatch
 
 CHECKPOINT_KEY = "bco_reward_shift"
 
 
-class BCO(ReferenceModule):
+class BCO(OfflineReferenceModule):
     """Binary Classifier Optimization (Jung et al. 2024, arXiv:2404.04656).
 
     Trains on unpaired rows (prompt, completion, desirable or not); paired data is converted to
@@ -34,8 +35,8 @@ class BCO(ReferenceModule):
 
     Args:
         beta: β, the scale of the implicit reward.
-        **kwargs: :class:`~lit_pref.modules.reference.ReferenceModule` arguments (the reference
-            choice) and :class:`~lit_pref.modules.base.AlignmentModule` ones (model, LoRA,
+        **kwargs: :class:`~lit_pref.modules.reference.OfflineReferenceModule` arguments (the
+            reference choice, precomputed reference log-probs) and :class:`~lit_pref.modules.base.AlignmentModule` ones (model, LoRA,
             optimizer, export…).
     """
 
@@ -46,7 +47,7 @@ class BCO(ReferenceModule):
 
     def __init__(self, beta: float = 0.1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if self.reference_kind == "none":
+        if self.reference.kind == "none":
             raise ValueError(
                 "BCO needs a reference model; reference='none' / reference_free are not available"
             )
@@ -57,13 +58,13 @@ class BCO(ReferenceModule):
         self.train_metrics = UnpairedMetricGroup("train/")
         self.val_metrics = UnpairedMetricGroup("val/")
 
-    def reference_values(self, batch: dict[str, Any]) -> Tensor:
+    def reference_values(self, batch: UnpairedBatch) -> Tensor:
         """``[B, 1]`` reference log-prob of each row's completion."""
         return self.reference_logps(batch).sum[:, None]
 
     # ------------------------------------------------------------------- steps
-    def shared_step(self, batch: dict[str, Any], split: str) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        """Loss, per-example metrics and the ``[B]`` detached rewards of one batch."""
+    def shared_step(self, batch: UnpairedBatch, split: str) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss and per-example metrics of one batch; in training, its rewards then move δ."""
         labels = batch["label"]
         policy = self.logps(self.policy, batch).sum
         reference = self.reference_values_for(batch, split)[:, 0].to(policy.dtype)
@@ -76,8 +77,10 @@ class BCO(ReferenceModule):
             "logps/chosen": policy[labels],
             "logps/rejected": policy[~labels],
         }
-        rewards = self.beta * (policy - reference).detach()
-        return out.losses.mean(), metrics, rewards
+        if split == "train":
+            # After the loss: a step's loss uses δ of the steps before it.
+            self.update_reward_shift(self.beta * (policy - reference).detach())
+        return out.losses.mean(), metrics
 
     def update_reward_shift(self, rewards: Tensor) -> None:
         """Add this micro-batch's rewards of every rank to δ (a collective: all ranks call it)."""
@@ -86,17 +89,6 @@ class BCO(ReferenceModule):
         )
         totals = all_reduce_sum(totals)
         self.reward_shift.update_from_totals(totals[0], totals[1].round())
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss, metrics, rewards = self.shared_step(batch, "train")
-        self.train_metrics.update(metrics)
-        self.update_reward_shift(rewards)
-        return loss
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss, metrics, _ = self.shared_step(batch, "val")
-        self.val_metrics.update(metrics)
-        return loss
 
     # -------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ from torch import Tensor
 from lit_pref.losses.cpo import SIMPO_DEFAULT_BETA, SIMPO_DEFAULT_CPO_ALPHA, CPOLossConfig, cpo_loss
 from lit_pref.metrics import reward_metrics
 from lit_pref.modules.base import AlignmentModule
+from lit_pref.types import PairedBatch
 
 # β and α when the loss type is not simpo and the user leaves them unset.
 CPO_DEFAULT_BETA = 0.1
@@ -74,7 +75,7 @@ class CPO(AlignmentModule):
         )
         self.share_prompt = share_prompt
 
-    def shared_step(self, batch: dict[str, Any], split: str = "train") -> tuple[Tensor, dict[str, Tensor]]:
+    def shared_step(self, batch: PairedBatch, split: str = "train") -> tuple[Tensor, dict[str, Tensor]]:
         """Loss and per-example metrics of one batch."""
         chosen, rejected = self.logps(self.policy, batch, share_prompt=self.share_prompt).pairs()
         if self.length_normalize:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,8 +11,8 @@ from torch import Tensor
 
 from lit_pref.losses.dpo import DPOLossConfig, dpo_loss, ld_sequence_logps, wpo_weights
 from lit_pref.metrics import reward_metrics
-from lit_pref.modules.reference import ReferenceModule
-from lit_pref.types import CompletionLogps
+from lit_pref.modules.reference import OfflineReferenceModule
+from lit_pref.types import CompletionLogps, PairedBatch
 
 
 def untrained_loss(config: DPOLossConfig) -> float | None:
@@ -26,7 +27,7 @@ def untrained_loss(config: DPOLossConfig) -> float | None:
     return float(dpo_loss(zeros, zeros, zeros, zeros, config).losses[0])
 
 
-class DPO(ReferenceModule):
+class DPO(OfflineReferenceModule):
     """Direct Preference Optimization (Rafailov et al. 2023) and the DPO loss family.
 
     The policy scores chosen and rejected completions in one forward pass (each prompt encoded
@@ -51,15 +52,15 @@ class DPO(ReferenceModule):
             (as in Azar et al.) and off otherwise.
         share_prompt: encode each prompt once for both completions (exactly the same log-probs as
             two concatenated rows; off automatically under gradient checkpointing).
-        **kwargs: :class:`~lit_pref.modules.reference.ReferenceModule` arguments (the reference
-            choice) and :class:`~lit_pref.modules.base.AlignmentModule` ones (model, LoRA,
+        **kwargs: :class:`~lit_pref.modules.reference.OfflineReferenceModule` arguments (the
+            reference choice, precomputed reference log-probs) and :class:`~lit_pref.modules.base.AlignmentModule` ones (model, LoRA,
             optimizer, export…).
     """
 
     data_target = "paired"
     default_lr = 5e-7
     # Sigmoid DPO's value; each instance sets the value of its own loss (see untrained_loss).
-    stuck_loss = math.log(2)
+    stuck_loss: float | None = math.log(2)
 
     def __init__(
         self,
@@ -116,27 +117,25 @@ class DPO(ReferenceModule):
     def cache_options(self) -> str:
         return f"{self.length_normalize}|{self.loss_config.ld_alpha}"
 
-    def reference_values(self, batch: dict[str, Any]) -> Tensor:
+    def reference_values(self, batch: PairedBatch) -> Tensor:
         """``[B, 2]`` reference (chosen, rejected) sequence log-probs."""
-        return torch.stack(self.pair_logps(self.reference_logps(batch)), -1)
+        return torch.stack(self.pair_logps(self.reference_logps(batch, share_prompt=self.share_prompt)), -1)
 
     # ------------------------------------------------------------------- steps
-    def _reference_pair(self, batch: dict[str, Any], split: str) -> tuple[Tensor | None, Tensor | None]:
-        if self.reference_kind == "none":
-            return None, None
-        values = self.reference_values_for(batch, split)
-        return values[:, 0], values[:, 1]
-
-    def shared_step(self, batch: dict[str, Any], split: str) -> tuple[Tensor, dict[str, Tensor]]:
-        """Loss and per-example metrics of one batch (``split`` is ``train`` or ``val``)."""
+    def dpo_step(self, batch: PairedBatch, split: str) -> DPOStep:
+        """The policy's and the reference's pair log-probs of one batch, the configured loss, and its metrics."""
         policy = self.logps(
             self.policy, batch, share_prompt=self.share_prompt, with_sq_norm=self.loss_config.use_weighting
         )
         chosen_logps, rejected_logps = self.pair_logps(policy)
-        ref_chosen, ref_rejected = self._reference_pair(batch, split)
+        ref_chosen = ref_rejected = None
+        if self.reference.kind != "none":
+            reference = self.reference_values_for(batch, split)
+            ref_chosen, ref_rejected = reference[:, 0], reference[:, 1]
         chosen, rejected = policy.pairs()
         weights = None
         if self.loss_config.use_weighting:
+            assert chosen.log_sq_norm is not None and rejected.log_sq_norm is not None
             weights = wpo_weights(
                 chosen.token_logps, chosen.log_sq_norm, chosen.mask,
                 rejected.token_logps, rejected.log_sq_norm, rejected.mask,
@@ -147,4 +146,29 @@ class DPO(ReferenceModule):
         )  # fmt: skip
         metrics = reward_metrics(out.chosen_rewards, out.rejected_rewards, chosen.sum, rejected.sum)
         metrics |= {"loss": out.losses, "logits/chosen": chosen.mean_logits, "logits/rejected": rejected.mean_logits}
-        return out.losses.mean(), metrics
+        return DPOStep(out.losses, chosen_logps, rejected_logps, ref_chosen, ref_rejected, metrics)
+
+    def shared_step(self, batch: PairedBatch, split: str) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss and per-example metrics of one batch (``split`` is ``train`` or ``val``)."""
+        step = self.dpo_step(batch, split)
+        return step.losses.mean(), step.metrics
+
+
+@dataclass
+class DPOStep:
+    """What :meth:`DPO.dpo_step` computed for one batch of ``B`` pairs (a subclass adds terms to it).
+
+    Attributes:
+        losses: ``[B]`` per-pair loss of the configured loss type(s).
+        chosen_logps, rejected_logps: ``[B]`` the policy's sequence log-probs as the loss reads
+            them (summed, length-normalised or LD-DPO).
+        ref_chosen, ref_rejected: ``[B]`` the same under the reference (``None`` reference-free).
+        metrics: the standard per-pair metrics (``loss``, ``rewards/*``, ``logps/*``, ``logits/*``).
+    """
+
+    losses: Tensor
+    chosen_logps: Tensor
+    rejected_logps: Tensor
+    ref_chosen: Tensor | None
+    ref_rejected: Tensor | None
+    metrics: dict[str, Tensor]

@@ -12,10 +12,11 @@ from lit_pref.data.mismatch import KL_COLUMN
 from lit_pref.distributed import all_reduce_sum
 from lit_pref.losses.kto import KTOLossConfig, kto_kl_estimate, kto_loss, kto_weight_ratio_warning
 from lit_pref.metrics import UnpairedMetricGroup
-from lit_pref.modules.reference import ReferenceModule
+from lit_pref.modules.reference import OfflineReferenceModule
+from lit_pref.types import CompletionBatch, UnpairedBatch
 
 
-def kl_batch(batch: dict[str, Any]) -> dict[str, Any]:
+def kl_batch(batch: UnpairedBatch) -> CompletionBatch:
     """The batch's prompts with their mismatched completions (the pairs z0 is estimated from)."""
     if KL_COLUMN not in batch:
         raise ValueError(
@@ -23,15 +24,15 @@ def kl_batch(batch: dict[str, Any]) -> dict[str, Any]:
             "another row's completion, for the KL reference point); PreferenceDataModule adds them for "
             "unpaired data, a custom data pipeline must provide them too"
         )
-    return {
-        "prompt_input_ids": batch["prompt_input_ids"],
-        "prompt_attention_mask": batch["prompt_attention_mask"],
-        "completion_input_ids": batch[KL_COLUMN],
-        "completion_attention_mask": batch["kl_completion_attention_mask"],
-    }
+    return CompletionBatch(
+        prompt_input_ids=batch["prompt_input_ids"],
+        prompt_attention_mask=batch["prompt_attention_mask"],
+        completion_input_ids=batch["kl_completion_input_ids"],
+        completion_attention_mask=batch["kl_completion_attention_mask"],
+    )
 
 
-class KTO(ReferenceModule):
+class KTO(OfflineReferenceModule):
     """Kahneman-Tversky Optimization (Ethayarajh et al. 2024, arXiv:2402.01306).
 
     Trains on unpaired rows (prompt, completion, desirable or not); paired data is converted to
@@ -44,7 +45,7 @@ class KTO(ReferenceModule):
     of all ranks (sum and count all-reduced, then clamped), detached, so the policy side of the
     KL pass runs without grad. ``apo_zero_unpaired`` ignores z0; it is still logged as ``kl``.
 
-    The reference is any :class:`~lit_pref.modules.reference.ReferenceModule` choice. With
+    The reference is any :class:`~lit_pref.reference.Reference` choice. With
     ``precompute_ref_logps`` the table holds two values per row (``reference_values``): the
     reference log-prob of the row's completion and of its mismatched completion.
 
@@ -55,8 +56,8 @@ class KTO(ReferenceModule):
         undesirable_weight: λ_U, the weight of undesirable rows. The paper recommends
             λ_D·n_D / (λ_U·n_U) ∈ [1, 4/3] over the training set; a warning with the counts is
             shown once per fit when it is outside.
-        **kwargs: :class:`~lit_pref.modules.reference.ReferenceModule` arguments (the reference
-            choice) and :class:`~lit_pref.modules.base.AlignmentModule` ones (model, LoRA,
+        **kwargs: :class:`~lit_pref.modules.reference.OfflineReferenceModule` arguments (the
+            reference choice, precomputed reference log-probs) and :class:`~lit_pref.modules.base.AlignmentModule` ones (model, LoRA,
             optimizer, export…).
     """
 
@@ -72,7 +73,7 @@ class KTO(ReferenceModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if self.reference_kind == "none":
+        if self.reference.kind == "none":
             raise ValueError(
                 "KTO needs a reference model; reference='none' / reference_free are not available"
             )
@@ -87,12 +88,12 @@ class KTO(ReferenceModule):
         self.train_metrics = UnpairedMetricGroup("train/")
         self.val_metrics = UnpairedMetricGroup("val/")
 
-    def reference_values(self, batch: dict[str, Any]) -> Tensor:
+    def reference_values(self, batch: UnpairedBatch) -> Tensor:
         """``[B, 2]``: reference log-prob of each row's completion and of its mismatched completion."""
         return torch.stack([self.reference_logps(batch).sum, self.reference_logps(kl_batch(batch)).sum], -1)
 
     # ------------------------------------------------------------------- steps
-    def shared_step(self, batch: dict[str, Any], split: str) -> tuple[Tensor, dict[str, Tensor]]:
+    def shared_step(self, batch: UnpairedBatch, split: str) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss and per-example metrics of one batch (``split`` is ``train`` or ``val``)."""
         labels = batch["label"]
         policy = self.logps(self.policy, batch).sum
@@ -124,7 +125,7 @@ class KTO(ReferenceModule):
 
     def training_labels(self) -> Tensor | None:
         """The ``label`` column of the whole training split, when the data module exposes it."""
-        splits = getattr(self.trainer.datamodule, "splits", None)
+        splits = getattr(self.datamodule(), "splits", None)
         train = splits.get("train") if isinstance(splits, dict) else None
         if train is None or "label" not in train.column_names:
             return None

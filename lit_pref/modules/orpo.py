@@ -10,6 +10,7 @@ from torch import Tensor
 from lit_pref.losses.orpo import orpo_loss
 from lit_pref.metrics import reward_metrics
 from lit_pref.modules.base import AlignmentModule
+from lit_pref.types import PairedBatch
 
 
 class ORPO(AlignmentModule):
@@ -38,7 +39,7 @@ class ORPO(AlignmentModule):
         self.beta = beta
         self.share_prompt = share_prompt
 
-    def shared_step(self, batch: dict[str, Any], split: str = "train") -> tuple[Tensor, dict[str, Tensor]]:
+    def shared_step(self, batch: PairedBatch, split: str = "train") -> tuple[Tensor, dict[str, Tensor]]:
         """Loss and per-example metrics of one batch."""
         chosen, rejected = self.logps(self.policy, batch, share_prompt=self.share_prompt).pairs()
         out = orpo_loss(chosen.mean, rejected.mean, -chosen.mean, self.beta)

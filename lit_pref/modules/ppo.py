@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from transformers import AutoConfig
 
 from lit_pref.losses.ppo import (
     AdaptiveKLController,
@@ -21,89 +20,49 @@ from lit_pref.losses.ppo import (
     kl_penalty,
     token_rewards,
 )
-from lit_pref.models import disable_dropout, is_adapter_dir, is_peft_model, load_causal_lm
-from lit_pref.modules.reference import ReferenceModule
-from lit_pref.ops import _completion_hidden, _decoder_and_head, hidden_logps, masked_mean, masked_whiten
-from lit_pref.rewards import RewardSet
-from lit_pref.rollout import (
-    GenerationSettings,
-    Rollout,
-    completion_stats,
-    generate_rollout,
-    map_chunks,
-    minibatch_indices,
-    optimizer_step,
-    reward_metrics,
-    sample_rows,
-    score_rollout,
-)
-from lit_pref.scoring import has_value_head, is_sequence_classifier, load_reward_network, reward_network_parts
-from lit_pref.types import CompletionLogps
+from lit_pref.models import disable_dropout, is_adapter_dir
+from lit_pref.modules.online import OnlineRLModule
+from lit_pref.ops import completion_hidden, decoder_and_head, hidden_logps, masked_mean, masked_whiten
+from lit_pref.rollout import CompletionTensors, Rollout, score_in_chunks
+from lit_pref.scoring import ValueModel, values_from_hidden, zero_value_head
+from lit_pref.types import CausalLM, CompletionBatch, CompletionLogps
 
 
-class ValueModel(torch.nn.Module):
-    """A transformer backbone with a scalar head: ``V(s_t)`` at every completion position.
+@dataclass
+class RolloutScores(CompletionTensors):
+    """What the no-grad scoring pass of a PPO rollout computes, ``[N, L]`` per token.
 
-    ``V(s_t)`` is read from the hidden state that predicts completion token ``t`` (the state
-    before the action), through the same prompt/completion layout as the log-prob path.
-
-    Args:
-        backbone: the decoder (a ``transformers`` base model, no LM head).
-        head: ``Linear(hidden, 1)``.
+    Attributes:
+        old_logps: log-probs under the rollout policy, at the sampling temperature.
+        ref_logps: log-probs under the reference.
+        values: value estimates V(s_t) of the rollout's value network.
+        entropy: per-token entropy of the rollout policy (a diagnostic).
     """
 
-    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    @classmethod
-    def from_pretrained(
-        cls, source: str, dtype: str = "auto", attn_implementation: str | None = None
-    ) -> ValueModel:
-        """From a reward-model directory (its head is kept; a LoRA adapter is merged) or a causal LM
-        (its decoder, with a zero head)."""
-        if (
-            has_value_head(source)
-            or is_adapter_dir(source)
-            or is_sequence_classifier(AutoConfig.from_pretrained(source))
-        ):
-            model, value_head = load_reward_network(source, dtype, attn_implementation, trainable=True)
-            if is_peft_model(model):
-                model = model.merge_and_unload()
-            return cls(*reward_network_parts(model, value_head))
-        return cls.from_causal_lm(load_causal_lm(source, dtype, attn_implementation), copy_decoder=False)
-
-    @classmethod
-    def from_causal_lm(cls, model: torch.nn.Module, copy_decoder: bool = True) -> ValueModel:
-        """A causal LM's decoder (a copy unless ``copy_decoder`` is off) with a zero head."""
-        decoder = copy.deepcopy(model.get_decoder()) if copy_decoder else model.get_decoder()
-        weight = model.get_output_embeddings().weight
-        head = torch.nn.Linear(weight.shape[1], 1, bias=False, dtype=weight.dtype, device=weight.device)
-        torch.nn.init.zeros_(head.weight)
-        return cls(decoder, head)
-
-    def forward(self, batch: dict[str, Tensor], share_prompt: bool = True) -> Tensor:
-        """``[Bc, L]`` float32 values of the completion positions of ``batch`` (0 where masked)."""
-        share = share_prompt and not getattr(self.backbone, "is_activation_checkpointing", False)
-        hidden = _completion_hidden(
-            self.backbone,
-            batch["prompt_input_ids"],
-            batch["prompt_attention_mask"],
-            batch["completion_input_ids"],
-            batch["completion_attention_mask"],
-            share,
-        )
-        return _value_from_hidden(self.head, hidden, batch["completion_attention_mask"])
+    old_logps: Tensor
+    ref_logps: Tensor
+    values: Tensor
+    entropy: Tensor
 
 
-def _value_from_hidden(head: torch.nn.Module, hidden: Tensor, mask: Tensor) -> Tensor:
-    weight = next(head.parameters())
-    values = head(hidden.to(weight.dtype)).squeeze(-1).float()
-    return torch.where(mask.bool(), values, torch.zeros_like(values))
+@dataclass
+class PPOTensors(RolloutScores):
+    """Per-completion tensors of a PPO rollout: its scores, then what PPO derives from them.
+
+    Attributes:
+        scores: ``[N]`` total reward of each completion.
+        advantages: ``[N, L]`` whitened GAE advantages.
+        returns: ``[N, L]`` value targets.
+        sequence_kl: ``[N]`` per-sequence KL estimate to the reference.
+    """
+
+    scores: Tensor
+    advantages: Tensor
+    returns: Tensor
+    sequence_kl: Tensor
 
 
-class PPO(ReferenceModule):
+class PPO(OnlineRLModule["PPOTensors"]):
     """Proximal Policy Optimization from a reward signal (Ziegler et al. 2019; Ouyang et al. 2022).
 
     Each training step takes a batch of prompts and runs one PPO iteration:
@@ -119,10 +78,9 @@ class PPO(ReferenceModule):
        loss) accumulated over ``gradient_accumulation_steps`` micro-batches and clipped to
        ``max_grad_norm``.
 
-    Optimisation is manual, so ``trainer.global_step`` counts optimizer steps:
-    ``num_ppo_epochs × num_mini_batches`` per batch of prompts (set ``max_steps`` accordingly).
-    Trainer-level ``gradient_clip_val`` and ``accumulate_grad_batches`` are not available under
-    manual optimisation; use ``max_grad_norm`` and ``gradient_accumulation_steps``.
+    ``trainer.global_step`` counts optimizer steps: ``num_ppo_epochs × num_mini_batches`` per
+    batch of prompts (set ``max_steps`` accordingly); see
+    :class:`~lit_pref.modules.online.OnlineRLModule`.
 
     Value network: a separate backbone with a scalar head, initialised from
     ``value_model_name_or_path``, else from the first reward-model directory in ``rewards``,
@@ -141,20 +99,7 @@ class PPO(ReferenceModule):
     ``policy/ratio``, ``value/loss``, ``value/clip_frac``.
 
     Args:
-        rewards: reward sources: reward-model directories and/or reward functions
-            ``"pkg.module:fn"`` (see :mod:`lit_pref.rewards`).
-        reward_weights: one weight per reward source (default all 1).
-        missing_eos_penalty: subtracted from the score of completions cut at
-            ``max_new_tokens`` without an EOS token.
-        max_new_tokens: completion length limit.
-        temperature: sampling temperature (also divides the logits when scoring).
-        top_p: nucleus sampling (1 disables it).
-        top_k: top-k sampling (``None`` or 0 disables it).
-        rollout_batch_size: completions per ``generate`` call and per no-grad scoring pass.
         num_ppo_epochs: passes over each rollout.
-        num_mini_batches: optimizer steps per pass.
-        gradient_accumulation_steps: micro-batches per mini-batch.
-        max_grad_norm: gradient-norm clipping per optimizer step (``None``: off).
         kl_coef: β, the per-token KL penalty coefficient (initial value when adaptive).
         kl_estimator: ``k1`` (log-ratio, Ziegler et al.) or ``k3`` (non-negative, unbiased).
         kl_target: enables the adaptive KL controller of Ziegler et al. 2019 (§2.2) steering
@@ -168,28 +113,16 @@ class PPO(ReferenceModule):
         vf_coef: weight of the value loss.
         value_model_name_or_path: directory to initialise the value network from.
         value_head_on_policy: put the value head on the policy instead of a separate network.
-        **kwargs: :class:`~lit_pref.modules.reference.ReferenceModule` arguments (the reference
-            choice) and :class:`~lit_pref.modules.base.AlignmentModule` ones (model, LoRA,
-            optimizer, export…).
+        **kwargs: :class:`~lit_pref.modules.online.OnlineRLModule` arguments (rewards, sampling,
+            mini-batches, the rollout engine), the reference choice and the model, LoRA,
+            optimizer and export arguments every module takes.
     """
 
-    data_target = "prompt_only"
     default_lr = 3e-6
 
     def __init__(
         self,
-        rewards: str | list[str] | None = None,
-        reward_weights: list[float] | None = None,
-        missing_eos_penalty: float | None = None,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int | None = None,
-        rollout_batch_size: int = 64,
         num_ppo_epochs: int = 4,
-        num_mini_batches: int = 1,
-        gradient_accumulation_steps: int = 1,
-        max_grad_norm: float | None = 1.0,
         kl_coef: float = 0.05,
         kl_estimator: Literal["k1", "k3"] = "k1",
         kl_target: float | None = None,
@@ -204,21 +137,12 @@ class PPO(ReferenceModule):
         value_head_on_policy: bool = False,
         **kwargs: Any,
     ) -> None:
-        if kwargs.get("precompute_ref_logps"):
-            raise ValueError("precompute_ref_logps does not apply to PPO: completions are sampled online")
-        if rewards is None:
-            raise ValueError("PPO needs rewards: a reward-model directory and/or a function 'pkg.module:fn'")
-        for name, value in (("num_ppo_epochs", num_ppo_epochs), ("num_mini_batches", num_mini_batches),
-                            ("gradient_accumulation_steps", gradient_accumulation_steps),
-                            ("rollout_batch_size", rollout_batch_size)):  # fmt: skip
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        if num_ppo_epochs < 1:
+            raise ValueError(f"num_ppo_epochs must be >= 1, got {num_ppo_epochs}")
         if kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be k1 or k3, got {kl_estimator!r}")
         if kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-        if max_grad_norm is not None and max_grad_norm <= 0:
-            raise ValueError(f"max_grad_norm must be > 0 or null, got {max_grad_norm}")
         if not 0 <= gamma <= 1 or not 0 <= lam <= 1:
             raise ValueError(f"gamma and lam must be in [0, 1], got {gamma} and {lam}")
         if cliprange < 0 or cliprange_value < 0 or vf_coef < 0:
@@ -227,19 +151,10 @@ class PPO(ReferenceModule):
             raise ValueError(
                 "value_head_on_policy puts the value head on the policy; drop value_model_name_or_path"
             )
-        super().__init__(reference_free=False, **kwargs)
-        if self.reference_kind == "none":
+        super().__init__(**kwargs)
+        if self.reference.kind == "none":
             raise ValueError("PPO penalises the KL to a reference; choose a reference other than 'none'")
-        self.automatic_optimization = False
-        self.reward_set = RewardSet(
-            rewards, reward_weights, missing_eos_penalty, batch_size=rollout_batch_size
-        )
-        self.generation = GenerationSettings(max_new_tokens, temperature, top_p, top_k)
-        self.rollout_batch_size = rollout_batch_size
-        self.num_ppo_epochs = num_ppo_epochs
-        self.num_mini_batches = num_mini_batches
-        self.gradient_accumulation_steps = gradient_accumulation_steps
-        self.max_grad_norm = max_grad_norm
+        self.num_epochs = num_ppo_epochs
         self.kl_estimator = kl_estimator
         self.kl_controller: KLController = (
             FixedKLController(kl_coef)
@@ -253,30 +168,22 @@ class PPO(ReferenceModule):
         self.value_head_on_policy = value_head_on_policy
         self.value_model: ValueModel | None = None
         self.value_head: torch.nn.Linear | None = None
-        self.latest_samples: list[dict[str, Any]] = []
+        # The last rollout's mean per-sequence KL over every rank (what the KL controller saw).
+        self.rollout_kl = 0.0
 
     # ----------------------------------------------------------------- networks
-    def configure_model(self) -> None:
-        first = self.policy is None
-        super().configure_model()
-        if not first:
-            return
-        self.reward_set.load_models(self.tokenizer)
+    def build_networks(self) -> None:
+        super().build_networks()
         if self.value_head_on_policy:
-            weight = self.policy.get_output_embeddings().weight
-            self.value_head = torch.nn.Linear(
-                weight.shape[1], 1, bias=False, dtype=weight.dtype, device=weight.device
-            )
-            torch.nn.init.zeros_(self.value_head.weight)
+            self.value_head = zero_value_head(self.policy)
             rank_zero_info("PPO value: a scalar head on the policy")
             return
         self.value_model = self.load_value_model()
         if self.zero_dropout:
             disable_dropout(self.value_model)
         if self.gradient_checkpointing:
-            self.value_model.backbone.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            backbone: CausalLM = self.value_model.backbone
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.value_model.train()
 
     def load_value_model(self) -> ValueModel:
@@ -297,98 +204,77 @@ class PPO(ReferenceModule):
         return ValueModel.from_pretrained(source, self.dtype_name, self.attn_implementation)
 
     # -------------------------------------------------------------- forward
-    def policy_forward(
-        self, batch: dict[str, Tensor], with_entropy: bool = False
-    ) -> tuple[CompletionLogps, Tensor]:
+    def policy_forward(self, batch: CompletionBatch, with_entropy: bool = False) -> tuple[CompletionLogps, Tensor]:
         """Per-token log-probs (at the sampling temperature) and values of ``batch``."""
         temperature = self.generation.temperature
-        if not self.value_head_on_policy:
+        if self.value_model is not None:
             logps = self.logps(self.policy, batch, temperature=temperature, with_entropy=with_entropy)
             return logps, self.value_model(batch)
+        assert self.value_head is not None
         # One forward through the policy's decoder feeds both the LM head and the value head.
-        decoder, head = _decoder_and_head(self.policy)
-        share = not getattr(self.policy, "is_activation_checkpointing", False)
+        decoder, head = decoder_and_head(self.policy)
         mask = batch["completion_attention_mask"]
-        hidden = _completion_hidden(
-            decoder,
-            batch["prompt_input_ids"],
-            batch["prompt_attention_mask"],
-            batch["completion_input_ids"],
-            mask,
-            share,
+        hidden = completion_hidden(
+            decoder, batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["completion_input_ids"], mask
         )
         logps = hidden_logps(
             head, hidden, batch["completion_input_ids"], mask,
             chunk_size=self.chunk_size, temperature=temperature, with_entropy=with_entropy,
         )  # fmt: skip
-        return logps, _value_from_hidden(self.value_head, hidden, mask)
+        return logps, values_from_hidden(self.value_head, hidden, mask)
 
     # -------------------------------------------------------------- rollout
     @torch.no_grad()
-    def _score_chunk(self, chunk: Rollout) -> dict[str, Tensor]:
+    def _score_chunk(self, chunk: Rollout) -> RolloutScores:
         batch = chunk.batch()
         logps, values = self.policy_forward(batch, with_entropy=True)
         ref = self.reference_logps(batch, temperature=self.generation.temperature)
-        return {
-            "old_logps": logps.token_logps,
-            "entropy": logps.entropy,
-            "values": values,
-            "ref_logps": ref.token_logps,
-        }
-
-    def collect_rollout(self, batch: dict[str, Any]) -> Rollout:
-        """Sample, score under policy / reference / value, and reward one batch of prompts (no grad)."""
-        rollout = generate_rollout(
-            self.policy, batch, self.generation, self.tokenizer, 1, self.rollout_batch_size
-        )
-        rollout.data.update(map_chunks(rollout, self.rollout_batch_size, self._score_chunk))
-        scores, per_source = score_rollout(
-            self.reward_set.to(self.device), rollout, self.tokenizer.pad_token_id
-        )
-        rollout.data["scores"] = scores
-        self.train_metrics.update(reward_metrics(scores, per_source) | completion_stats(rollout))
-        self.latest_samples = sample_rows(rollout, scores, per_source, self.tokenizer)
-        return rollout
+        assert logps.entropy is not None
+        return RolloutScores(logps.token_logps, ref.token_logps, values, logps.entropy)
 
     @torch.no_grad()
-    def compute_advantages(self, rollout: Rollout) -> None:
-        """KL-shaped per-token rewards, GAE advantages (whitened) and value targets, into ``rollout.data``."""
-        data, mask = rollout.data, rollout.mask
+    def prepare(self, rollout: Rollout) -> PPOTensors:
+        """Score under policy / reference / value, reward, then KL-shaped per-token rewards, GAE
+        advantages (whitened) and value targets."""
+        scored = score_in_chunks(rollout, self.rollout_batch_size, self._score_chunk)
+        scores, _ = self.score(rollout)
+        mask = rollout.mask
         beta = self.kl_controller.value
-        kl = torch.where(mask, kl_penalty(data["old_logps"], data["ref_logps"], self.kl_estimator), 0.0)
-        rewards = token_rewards(data["scores"], kl, mask, beta)
+        kl = torch.where(mask, kl_penalty(scored.old_logps, scored.ref_logps, self.kl_estimator), 0.0)
+        rewards = token_rewards(scores, kl, mask, beta)
         if self.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = gae(rewards, data["values"], mask, self.gamma, self.lam)
-        data["advantages"] = masked_whiten(advantages, mask)
-        data["returns"] = returns
+        advantages, returns = gae(rewards, scored.values, mask, self.gamma, self.lam)
         sequence_kl = kl.sum(-1)
         self.train_metrics.update({
             "kl": sequence_kl,
             "kl_coef": torch.tensor(beta, device=kl.device),
             "non_score_reward": -beta * sequence_kl,
-            "rlhf_reward": data["scores"] - beta * sequence_kl,
-            "entropy": masked_mean(data["entropy"], mask, dim=-1),
-            "value/explained_variance": explained_variance(data["values"], returns, mask),
+            "rlhf_reward": scores - beta * sequence_kl,
+            "entropy": masked_mean(scored.entropy, mask, dim=-1),
+            "value/explained_variance": explained_variance(scored.values, returns, mask),
         })  # fmt: skip
-        self._rollout_kl = sequence_kl.mean()
+        return PPOTensors(
+            scored.old_logps, scored.ref_logps, scored.values, scored.entropy,
+            scores, masked_whiten(advantages, mask), returns, sequence_kl,
+        )  # fmt: skip
 
     # ----------------------------------------------------------------- losses
-    def ppo_loss(self, rollout: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
-        """Clipped surrogate + ``vf_coef`` × clipped value loss of a (micro-)batch of the rollout."""
-        data, mask = rollout.data, rollout.mask
+    def rollout_loss(
+        self, rollout: Rollout, tensors: PPOTensors, num_items: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Clipped surrogate + ``vf_coef`` × clipped value loss of a micro-batch of the rollout."""
+        mask = rollout.mask
         logps, values = self.policy_forward(rollout.batch())
         policy = clipped_policy_loss(
-            logps.token_logps, data["old_logps"], data["advantages"], mask, self.cliprange, self.cliprange
+            logps.token_logps, tensors.old_logps, tensors.advantages, mask, self.cliprange, self.cliprange
         )
-        value = clipped_value_loss(values, data["values"], data["returns"], mask, self.cliprange_value)
+        value = clipped_value_loss(values, tensors.values, tensors.returns, mask, self.cliprange_value)
         policy_loss = masked_mean(policy.per_token_loss, mask)
         value_loss = masked_mean(value.per_token_loss, mask)
         loss = policy_loss + self.vf_coef * value_loss
         with torch.no_grad():
-            ratio = masked_mean(
-                torch.exp(torch.where(mask, logps.token_logps - data["old_logps"], 0.0)), mask
-            )
+            ratio = masked_mean(torch.exp(torch.where(mask, logps.token_logps - tensors.old_logps, 0.0)), mask)
         metrics = {
             "loss": loss,
             "policy/loss": policy_loss,
@@ -402,33 +288,11 @@ class PPO(ReferenceModule):
         }
         return loss, metrics
 
-    # ------------------------------------------------------------------ steps
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        rollout = self.collect_rollout(batch)
-        self.compute_advantages(rollout)
-        for _ in range(self.num_ppo_epochs):
-            for micro_batches in minibatch_indices(
-                rollout.num_prompts, self.num_mini_batches, self.gradient_accumulation_steps
-            ):
-                size = sum(m.numel() for m in micro_batches)
-                for rows in micro_batches:
-                    loss, metrics = self.ppo_loss(rollout.select(rows))
-                    # Each micro-batch weighs by its share of the mini-batch's completions.
-                    self.manual_backward(loss * (rows.numel() / size))
-                    self.train_metrics.update(metrics)
-                optimizer_step(self, self.max_grad_norm)
+    def after_rollout(self, rollout: Rollout, tensors: PPOTensors) -> None:
+        """Adaptive KL: steer β by the rollout's mean per-sequence KL over every rank."""
         n = rollout.num_prompts * self.trainer.world_size
-        self.kl_controller.update(float(self.trainer.strategy.reduce(self._rollout_kl, reduce_op="mean")), n)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Score one completion per held-out prompt: ``val/score`` and completion statistics."""
-        rollout = generate_rollout(
-            self.policy, batch, self.generation, self.tokenizer, 1, self.rollout_batch_size
-        )
-        scores, per_source = score_rollout(
-            self.reward_set.to(self.device), rollout, self.tokenizer.pad_token_id
-        )
-        self.val_metrics.update(reward_metrics(scores, per_source) | completion_stats(rollout))
+        self.rollout_kl = float(self.trainer.strategy.reduce(tensors.sequence_kl.mean(), reduce_op="mean"))
+        self.kl_controller.update(self.rollout_kl, n)
 
     # ------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

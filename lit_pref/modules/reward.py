@@ -22,6 +22,7 @@ from lit_pref.scoring import (
     save_value_head,
     sequence_rewards,
 )
+from lit_pref.types import CausalLM, PairedBatch
 
 RewardHead = Literal["classifier", "value_head"]
 
@@ -30,6 +31,9 @@ class RunningStd(Metric):
     """Population standard deviation of every value seen since the last reset (all ranks)."""
 
     full_state_update = False
+    count: Tensor
+    total: Tensor
+    total_sq: Tensor
 
     def __init__(self) -> None:
         super().__init__()
@@ -110,10 +114,11 @@ class RewardModel(AlignmentModule):
             group.means["rewards__std"] = RunningStd()
 
     # ----------------------------------------------------------------- networks
-    def load_policy(self) -> torch.nn.Module:
+    def load_policy(self) -> CausalLM:
         """Load the reward network (the base class calls it ``policy``: the trained network)."""
         source, dtype, attn = self.model_source, self.dtype_name, self.attn_implementation
-        if is_adapter_dir(source):
+        model: CausalLM
+        if isinstance(source, str) and is_adapter_dir(source):
             if self.peft_config is not None:
                 raise ValueError("model_name_or_path is already a PEFT adapter; drop the peft settings")
             model = self._load_adapter(source)
@@ -152,9 +157,9 @@ class RewardModel(AlignmentModule):
         )
         return PeftModel.from_pretrained(base, source, is_trainable=True)
 
-    def configure_model(self) -> None:
-        super().configure_model()
-        if self.head_type == "value_head" and self.value_head is None:
+    def build_networks(self) -> None:
+        super().build_networks()
+        if self.head_type == "value_head":
             source = self.model_source
             if isinstance(source, str) and has_value_head(source):
                 self.value_head = load_value_head(source)
@@ -163,7 +168,7 @@ class RewardModel(AlignmentModule):
             self.value_head.to(self.device)
 
     # ------------------------------------------------------------------ rewards
-    def rewards(self, batch: dict[str, Any]) -> Tensor:
+    def rewards(self, batch: PairedBatch) -> Tensor:
         """``[Bc]`` rewards of every completion row (prompt + completion), in one forward pass."""
         prompts, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
         completions, completion_mask = batch["completion_input_ids"], batch["completion_attention_mask"]
@@ -173,7 +178,7 @@ class RewardModel(AlignmentModule):
         backbone, head = reward_network_parts(self.policy, self.value_head)
         return sequence_rewards(backbone, head, input_ids, attention_mask)
 
-    def pair_rewards(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    def pair_rewards(self, batch: PairedBatch) -> tuple[Tensor, Tensor]:
         """``[B]`` chosen and ``[B]`` rejected rewards of a paired batch."""
         if batch["completion_input_ids"].shape[0] != 2 * batch["prompt_input_ids"].shape[0]:
             raise ValueError(
@@ -183,7 +188,7 @@ class RewardModel(AlignmentModule):
         return rewards[0::2], rewards[1::2]
 
     # ------------------------------------------------------------------- steps
-    def shared_step(self, batch: dict[str, Any], split: str = "train") -> tuple[Tensor, dict[str, Tensor]]:
+    def shared_step(self, batch: PairedBatch, split: str = "train") -> tuple[Tensor, dict[str, Tensor]]:
         chosen, rejected = self.pair_rewards(batch)
         out = reward_loss(chosen, rejected, batch.get("margin"), self.center_rewards_coefficient)
         both = torch.cat([chosen, rejected]).detach()
@@ -198,7 +203,7 @@ class RewardModel(AlignmentModule):
         }
         return out.losses.mean(), metrics
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+    def validation_step(self, batch: PairedBatch, batch_idx: int) -> dict[str, Tensor]:
         loss, metrics = self.shared_step(batch)
         self.val_metrics.update(metrics)
         # The per-pair rewards go to callbacks (RewardPredictionTable) with no second forward.

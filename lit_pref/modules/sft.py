@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
@@ -12,7 +12,7 @@ from torchmetrics import SumMetric
 from lit_pref.data.packing import block_causal_mask, is_packed
 from lit_pref.modules.base import AlignmentModule
 from lit_pref.ops import hidden_logps
-from lit_pref.types import CompletionLogps
+from lit_pref.types import CausalLM, CompletionBatch, CompletionLogps, PackedBatch, SFTBatch
 
 PackedAttention = Literal["auto", "mask", "position_ids"]
 
@@ -91,14 +91,14 @@ class SFT(AlignmentModule):
         self._neftune_handle: torch.utils.hooks.RemovableHandle | None = None
 
     # ----------------------------------------------------------------- networks
-    def configure_model(self) -> None:
-        super().configure_model()
-        if self.neftune_noise_alpha is not None and self._neftune_handle is None:
+    def build_networks(self) -> None:
+        super().build_networks()
+        if self.neftune_noise_alpha is not None:
             embeddings = self.policy.get_input_embeddings()
             self._neftune_handle = embeddings.register_forward_hook(NEFTuneNoise(self.neftune_noise_alpha))
 
     # ------------------------------------------------------------------ logps
-    def packed_logps(self, model: torch.nn.Module, batch: dict[str, Any]) -> CompletionLogps:
+    def packed_logps(self, model: CausalLM, batch: PackedBatch) -> CompletionLogps:
         """Token log-probs of a packed batch: ``[R, T − 1]``, entry ``t`` scoring token ``t + 1``."""
         decoder, head = model.get_decoder(), model.get_output_embeddings()
         implementation = str(getattr(model.config, "_attn_implementation", None) or "sdpa")
@@ -126,16 +126,19 @@ class SFT(AlignmentModule):
             with_argmax=True,
         )
 
-    def batch_logps(self, batch: dict[str, Any]) -> tuple[CompletionLogps, Tensor]:
+    def batch_logps(self, batch: SFTBatch) -> tuple[CompletionLogps, Tensor]:
         """The policy's log-probs of the batch's counted tokens, and those tokens (same shape)."""
-        if is_packed(batch):
-            return self.packed_logps(self.policy, batch), batch["input_ids"][:, 1:]
-        return self.logps(self.policy, batch, with_argmax=True), batch["completion_input_ids"]
+        if is_packed(cast(dict[str, Any], batch)):
+            packed = cast(PackedBatch, batch)
+            return self.packed_logps(self.policy, packed), packed["input_ids"][:, 1:]
+        unpacked = cast(CompletionBatch, batch)
+        return self.logps(self.policy, unpacked, with_argmax=True), unpacked["completion_input_ids"]
 
     # ------------------------------------------------------------------- steps
-    def shared_step(self, batch: dict[str, Any], split: str = "train") -> tuple[Tensor, dict[str, Tensor]]:
+    def shared_step(self, batch: SFTBatch, split: str = "train") -> tuple[Tensor, dict[str, Tensor]]:
         logps, targets = self.batch_logps(batch)
         mask = logps.mask
+        assert logps.argmax is not None
         nll = -logps.token_logps[mask]
         loss = nll.mean()
         # Per-token values: the logged means weigh every counted token once, over the whole
@@ -143,7 +146,7 @@ class SFT(AlignmentModule):
         metrics = {"loss": nll, "token_accuracy": (logps.argmax[mask] == targets[mask]).float()}
         return loss, metrics
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: SFTBatch, batch_idx: int) -> Tensor:
         loss, metrics = self.shared_step(batch)
         self.train_metrics.update(metrics)
         self.tokens_seen.update(

@@ -156,14 +156,14 @@ def run(job: dict[str, Any], model_dir: str | Path, root: str | Path) -> dict[st
         "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "sharded": {},
     }
-    networks = {"policy": module.policy, "reference": module.reference}
+    networks = {"policy": module.policy, "reference": module.reference.network}
     for name, network in networks.items():
         if network is None:
             continue
         result["sharded"][name] = is_sharded(network)
         # Collective under FSDP2; rank zero alone gets the tensors.
         result[f"{name}_state"] = full_state_dict(network)
-    if module.reference is not None and is_sharded(module.policy):
+    if module.reference.network is not None and is_sharded(module.policy):
         # The reference is sharded by the same function: identical placements and local shapes,
         # so TR-DPO's mixing is a purely local operation on matching shards.
         pairs = RefModelSync.parameter_pairs(module) if job.get("ref_sync") else []
@@ -174,7 +174,7 @@ def run(job: dict[str, Any], model_dir: str | Path, root: str | Path) -> dict[st
             max(p.to_local().numel() / p.numel() for _, p, _ in pairs) if pairs else None
         )
     if job.get("precompute"):
-        result["ref_table"] = module.ref_tables["train"][1].cpu()
+        result["ref_table"] = module.ref_logp_table.tables["train"][1].cpu()
     return result
 
 
@@ -263,7 +263,7 @@ def run_rl(kind: str, model_dir: str | Path, root: str | Path) -> dict[str, Any]
     trainer.fit(module, datamodule=data)
     networks = {
         "policy": module.policy,
-        "reference": module.reference,
+        "reference": module.reference.network,
         "value": getattr(module, "value_model", None),
     }
     return {

@@ -38,7 +38,7 @@ def heldout_pair_accuracy(module, dm: PreferenceDataModule) -> tuple[float, floa
     with torch.no_grad():
         for batch in dm.sequential_dataloader("val"):
             policy.append(module.logps(module.policy, batch).sum)
-            reference.append(module.logps(module.reference, batch).sum)
+            reference.append(module.logps(module.reference.network, batch).sum)
             labels.append(batch["label"])
     labels = torch.cat(labels)
     assert labels[0::2].all() and not labels[1::2].any()
@@ -65,7 +65,7 @@ def moved_module(model_dir: Path, beta: float = 0.5) -> BCO:
     module.configure_model()
     torch.manual_seed(0)
     with torch.no_grad():
-        for p in module.reference.parameters():
+        for p in module.reference.network.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return module
 
@@ -73,14 +73,16 @@ def moved_module(model_dir: Path, beta: float = 0.5) -> BCO:
 def rewards_of(module: BCO, batch: dict) -> torch.Tensor:
     with torch.no_grad():
         policy = module.logps(module.policy, batch).sum
-        return module.beta * (policy - module.logps(module.reference, batch).sum)
+        return module.beta * (policy - module.logps(module.reference.network, batch).sum)
 
 
 # ---------------------------------------------------------------------------- tests
 def test_untrained_loss_is_ln2_and_delta_starts_at_zero(tiny_lm_dir, dm):
     module = BCO(model_name_or_path=str(tiny_lm_dir))
     module.configure_model()
-    loss, metrics, rewards = module.shared_step(batches(dm)[0], "train")
+    batch = batches(dm)[0]
+    rewards = rewards_of(module, batch)
+    loss, metrics = module.shared_step(batch, "train")
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert rewards.abs().max() < 1e-5 and metrics["delta"].item() == 0.0
     assert module.stuck_loss == pytest.approx(math.log(2))
@@ -201,6 +203,6 @@ def test_bco_config_learns_through_the_cli(in_project):
     assert module.reward_shift.count == 32 * 32
     moved = [
         not torch.equal(p, q)
-        for p, q in zip(module.policy.parameters(), module.reference.parameters(), strict=True)
+        for p, q in zip(module.policy.parameters(), module.reference.network.parameters(), strict=True)
     ]
     assert all(moved)

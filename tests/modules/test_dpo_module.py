@@ -22,7 +22,7 @@ import lit_pref.cli as cli_module
 from lit_pref.data.datamodule import PreferenceDataModule
 from lit_pref.losses.dpo import DPO_LOSS_TYPES
 from lit_pref.modules.dpo import DPO
-from lit_pref.modules.reference import ReferenceModule
+from lit_pref.modules.reference import OfflineReferenceModule
 from lit_pref.ops import completion_logps
 
 METRICS = (
@@ -170,11 +170,11 @@ def test_one_step_per_loss_type(loss_types, tiny_lm_dir, initial, tmp_path, monk
         extra.append("--model.loss_weights=[0.8, 0.2, 1.0]")
     cli = fit(tiny_lm_dir, tmp_path, *extra)
     module = cli.model
-    assert module.reference_kind == "copy"
+    assert module.reference.kind == "copy"
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
     moved = [n for n, p in module.policy.named_parameters() if not torch.equal(p, initial[n])]
     assert len(moved) == len(initial)  # AdamW moves every weight with a gradient: all of them here
-    for name, param in module.reference.named_parameters():
+    for name, param in module.reference.network.named_parameters():
         assert torch.equal(param, initial[name]), name
         assert not param.requires_grad
 
@@ -194,13 +194,13 @@ def precompute_runs(tiny_lm_dir, tmp_path_factory):
     pre = ["--model.precompute_ref_logps=true", f"--model.ref_cache_dir={cache}"]
     first = fit(tiny_lm_dir, root / "first", *common, *pre, **kw)
     calls = []
-    original = ReferenceModule._compute_ref_table
+    original = OfflineReferenceModule.score_reference_table
 
     def spy(self, *args, **kwargs):
         calls.append(args)
         return original(self, *args, **kwargs)
 
-    with mock.patch.object(ReferenceModule, "_compute_ref_table", spy):
+    with mock.patch.object(OfflineReferenceModule, "score_reference_table", spy):
         second = fit(tiny_lm_dir, root / "second", *common, *pre, **kw)
     return {"live": live, "first": first, "second": second, "cache": cache, "recomputed": calls}
 
@@ -216,11 +216,11 @@ def test_metrics_logged_for_train_and_val(precompute_runs):
 
 def test_precomputed_reference_equals_on_the_fly(precompute_runs):
     live, first = precompute_runs["live"], precompute_runs["first"]
-    assert first.model.reference is None  # released once the tables exist
+    assert first.model.reference.network is None  # released once the tables exist
     # The table against the live run's reference network, row by row.
     dm = live.datamodule
     for split in ("train", "val"):
-        table = first.model.ref_tables[split][1]
+        table = first.model.ref_logp_table.tables[split][1]
         for batch in dm.sequential_dataloader(split):
             expected = live.model.reference_values(batch)
             torch.testing.assert_close(table[batch["index"]], expected, atol=1e-5, rtol=0)
@@ -238,7 +238,7 @@ def test_precomputed_reference_is_reused_from_cache(precompute_runs):
     assert precompute_runs["recomputed"] == []
     second, first = precompute_runs["second"], precompute_runs["first"]
     for split in ("train", "val"):
-        assert torch.equal(second.model.ref_tables[split][1], first.model.ref_tables[split][1])
+        assert torch.equal(second.model.ref_logp_table.tables[split][1], first.model.ref_logp_table.tables[split][1])
     for a, b in zip(read_metrics(first), read_metrics(second), strict=True):
         assert b == pytest.approx(a, abs=1e-5)
 
@@ -330,7 +330,7 @@ def test_adapter_directory_reference_is_the_sft_model(adapter_dir, tiny_lm_dir, 
     from peft import PeftModel
 
     module = DPO(model_name_or_path=str(adapter_dir))
-    assert module.reference_kind == "adapter"
+    assert module.reference.kind == "adapter"
     module.configure_model()
     batch = first_batch(dm)
     reference = module.reference_logps(batch).token_logps
@@ -354,13 +354,13 @@ def test_precomputed_adapter_reference(adapter_dir, tmp_path):
     adapter is dropped once it has been scored (only the trained adapter stays)."""
     cli = fit(adapter_dir, tmp_path, "--model.precompute_ref_logps=true", f"--model.ref_cache_dir={tmp_path / 'c'}")
     module = cli.model
-    assert module.reference_kind == "adapter" and module.reference_released
+    assert module.reference.kind == "adapter" and module.ref_logp_table.reference_released
     assert list(module.policy.peft_config) == ["default"]
     live = DPO(model_name_or_path=str(adapter_dir))
     live.configure_model()
     for batch in cli.datamodule.sequential_dataloader("train"):
         expected = live.reference_values(batch)
-        torch.testing.assert_close(module.ref_tables["train"][1][batch["index"]], expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(module.ref_logp_table.tables["train"][1][batch["index"]], expected, atol=1e-5, rtol=0)
 
 
 def test_adapter_disabled_needs_a_fresh_adapter(adapter_dir, tiny_lm_dir):
@@ -395,7 +395,7 @@ def test_dropout_is_disabled_in_policy_and_reference(tiny_lm_dir, dm):
 
     full = DPO(model_name_or_path=noisy_model(), tokenizer_name_or_path=str(tiny_lm_dir))
     full.configure_model()
-    for model in (full.policy, full.reference):
+    for model in (full.policy, full.reference.network):
         a, b = train_mode_passes(model)
         assert torch.equal(a, b)
 
@@ -409,14 +409,14 @@ def test_dropout_is_disabled_in_policy_and_reference(tiny_lm_dir, dm):
 def test_loading_options_and_model_objects(tiny_lm_dir):
     module = DPO(model_name_or_path=str(tiny_lm_dir), dtype="bfloat16", attn_implementation="eager")
     module.configure_model()
-    for model in (module.policy, module.reference):
+    for model in (module.policy, module.reference.network):
         assert next(model.parameters()).dtype == torch.bfloat16
         assert model.config._attn_implementation == "eager"
     obj = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     module = DPO(model_name_or_path=obj, tokenizer_name_or_path=str(tiny_lm_dir))
     module.configure_model()
-    assert module.policy is obj and module.reference is not obj
-    for (name, p), (_, r) in zip(module.policy.named_parameters(), module.reference.named_parameters(), strict=True):
+    assert module.policy is obj and module.reference.network is not obj
+    for (name, p), (_, r) in zip(module.policy.named_parameters(), module.reference.network.named_parameters(), strict=True):
         assert torch.equal(p, r) and p.data_ptr() != r.data_ptr(), name
     with pytest.raises(ValueError, match="tokenizer_name_or_path"):
         DPO(model_name_or_path=obj)
@@ -431,8 +431,8 @@ def test_reference_choice_is_checked(tiny_lm_dir):
         DPO(model_name_or_path=str(tiny_lm_dir), reference="none")
     with pytest.raises(ValueError, match="loss_type"):
         DPO(model_name_or_path=str(tiny_lm_dir), loss_type="nope")
-    assert DPO(model_name_or_path=str(tiny_lm_dir), reference_free=True).reference_kind == "none"
-    assert DPO(model_name_or_path=str(tiny_lm_dir), ref_model_name_or_path=str(tiny_lm_dir)).reference_kind == "model"
+    assert DPO(model_name_or_path=str(tiny_lm_dir), reference_free=True).reference.kind == "none"
+    assert DPO(model_name_or_path=str(tiny_lm_dir), ref_model_name_or_path=str(tiny_lm_dir)).reference.kind == "model"
     assert DPO(model_name_or_path=str(tiny_lm_dir), loss_type="ipo").stuck_loss == pytest.approx(25.0)
 
 
@@ -494,7 +494,7 @@ def test_lora_config_trains_only_the_adapter_and_exports_merged(in_project, tiny
     with capture_cli() as runs:
         cli_module.main(["fit", "--config", str(CONFIGS / "dpo_lora.yaml"), *QUICK, lora])
     module = runs[-1].model
-    assert module.reference_kind == "adapter_disabled" and module.reference is None
+    assert module.reference.kind == "adapter_disabled" and module.reference.network is None
     trained = 0
     for name, param in module.policy.named_parameters():
         if "lora_" in name:

@@ -60,7 +60,8 @@ def test_configuration_is_validated(tiny_lm_dir):
         GRPO(model_name_or_path=model, rewards=MOOD, beta=0.0, reference="copy")
     with pytest.raises(ValueError, match="unknown loss_type"):
         GRPO(model_name_or_path=model, rewards=MOOD, loss_type="nope")
-    with pytest.raises(ValueError, match="precompute_ref_logps"):
+    # Online modules have no precompute_ref_logps argument (completions are sampled online).
+    with pytest.raises(TypeError, match="precompute_ref_logps"):
         GRPO(model_name_or_path=model, rewards=MOOD, precompute_ref_logps=True)
     with pytest.raises(ValueError, match="cannot import"):
         GRPO(model_name_or_path=model, rewards="no_such_module_xyz:reward")
@@ -79,10 +80,10 @@ def test_configuration_is_validated(tiny_lm_dir):
 def test_beta_zero_loads_no_reference(tiny_lm_dir):
     module = GRPO(model_name_or_path=str(tiny_lm_dir), rewards=MOOD, beta=0.0)
     module.configure_model()
-    assert module.reference_kind == "none" and module.reference is None
+    assert module.reference.kind == "none" and module.reference.network is None
     with_kl = GRPO(model_name_or_path=str(tiny_lm_dir), rewards=MOOD, beta=0.04)
     with_kl.configure_model()
-    assert with_kl.reference_kind == "copy" and with_kl.reference is not None
+    assert with_kl.reference.kind == "copy" and with_kl.reference.network is not None
 
 
 # ------------------------------------------------------------------ rollout
@@ -104,14 +105,15 @@ def test_rollout_advantages_masks_and_warning(tiny_lm_dir):
     with pytest.warns(
         UserWarning, match=r"4 of 4 prompt groups have zero reward variance \(all 3 completions"
     ):
-        rollout = module.collect_rollout(batch)
+        rollout = module.sample(batch)
+        tensors = module.prepare(rollout)
     assert rollout.num_completions == 12 and rollout.columns["mood"] == batch["mood"]
-    assert torch.equal(rollout.data["advantages"], torch.zeros(12))
+    assert torch.equal(tensors.advantages, torch.zeros(12))
     # Truncated completions (no EOS within 2 tokens) are out of the loss, ended ones are in.
-    loss_mask = rollout.data["loss_mask"]
+    loss_mask = tensors.loss_mask
     assert torch.equal(loss_mask.any(-1), rollout.ended)
     assert torch.equal(loss_mask[rollout.ended], rollout.mask[rollout.ended])
-    assert "old_logps" not in rollout.data and "ref_logps" not in rollout.data  # single update, β = 0
+    assert tensors.old_logps is None and tensors.ref_logps is None  # single update, β = 0
     assert len(module.latest_samples) == 12 and module.latest_samples[0]["score"] == 1.0
 
     rloo = GRPO(
@@ -150,14 +152,14 @@ def test_optimizer_steps_per_rollout(loss_type, tiny_lm_dir, tmp_path):
     )
     module.configure_model()
     before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
-    ref_before = {n: p.detach().clone() for n, p in module.reference.named_parameters()}
+    ref_before = {n: p.detach().clone() for n, p in module.reference.network.named_parameters()}
     trainer.fit(module, prompts_data(batch_size=4))
     assert counter.steps == [4, 4] and trainer.global_step == 8
     assert len(backward_calls) == 16  # 2 rollouts × 2 iterations × 2 mini-batches × 2 micro-batches
     # Under manual optimisation the module steps the scheduler itself, once per optimizer step.
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 / 9)
     assert any(not torch.equal(p, before[n]) for n, p in module.policy.named_parameters())
-    assert all(torch.equal(p, ref_before[n]) for n, p in module.reference.named_parameters())
+    assert all(torch.equal(p, ref_before[n]) for n, p in module.reference.network.named_parameters())
     metrics = trainer.callback_metrics
     for name in ("score", "kl", "entropy", "loss", "reward_std", "frac_reward_zero_std", "policy/approx_kl",
                  "policy/clip_frac_low", "policy/clip_frac_high", "policy/clip_frac", "completions/mean_length",

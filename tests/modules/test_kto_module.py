@@ -39,7 +39,7 @@ def heldout_pair_accuracy(module, dm: PreferenceDataModule) -> tuple[float, floa
     with torch.no_grad():
         for batch in dm.sequential_dataloader("val"):
             policy.append(module.logps(module.policy, batch).sum)
-            reference.append(module.logps(module.reference, batch).sum)
+            reference.append(module.logps(module.reference.network, batch).sum)
             labels.append(batch["label"])
     labels = torch.cat(labels)
     assert labels[0::2].all() and not labels[1::2].any()
@@ -106,8 +106,8 @@ def test_untrained_loss_is_half_and_z0_zero_for_every_reference(reference, tiny_
         kwargs["peft"] = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     module = KTO(model_name_or_path=str(tiny_lm_dir), reference=reference, **kwargs)
     module.configure_model()
-    assert module.reference_kind == reference
-    assert (module.reference is None) == (reference == "adapter_disabled")
+    assert module.reference.kind == reference
+    assert (module.reference.network is None) == (reference == "adapter_disabled")
     loss, metrics = module.shared_step(first_batch(dm), "train")
     assert loss.item() == pytest.approx(0.5, abs=1e-6)
     assert metrics["kl"].item() == 0.0
@@ -125,14 +125,14 @@ def test_step_matches_the_loss_function_off_the_reference(tiny_lm_dir, dm):
     module.configure_model()
     torch.manual_seed(0)
     with torch.no_grad():
-        for p in module.reference.parameters():  # noise lowers the reference's log-probs: z0 > 0
+        for p in module.reference.network.parameters():  # noise lowers the reference's log-probs: z0 > 0
             p.add_(0.05 * torch.randn_like(p))
     batch = first_batch(dm)
     loss, metrics = module.shared_step(batch, "train")
     kl = kto_module.kl_batch(batch)
     with torch.no_grad():
-        policy, ref = module.logps(module.policy, batch).sum, module.logps(module.reference, batch).sum
-        z0 = kto_kl_estimate(module.logps(module.policy, kl).sum, module.logps(module.reference, kl).sum)
+        policy, ref = module.logps(module.policy, batch).sum, module.logps(module.reference.network, batch).sum
+        z0 = kto_kl_estimate(module.logps(module.policy, kl).sum, module.logps(module.reference.network, kl).sum)
     expected = kto_loss(policy, ref, batch["label"], z0, KTOLossConfig(beta=0.5, desirable_weight=1.2))
     assert z0 > 0
     torch.testing.assert_close(metrics["kl"], z0)
@@ -183,7 +183,7 @@ def test_apo_zero_unpaired_ignores_z0(tiny_lm_dir, dm):
     batch = first_batch(dm)
     loss, metrics = module.shared_step(batch, "train")
     with torch.no_grad():
-        r = module.logps(module.policy, batch).sum - module.logps(module.reference, batch).sum
+        r = module.logps(module.policy, batch).sum - module.logps(module.reference.network, batch).sum
     expected = torch.where(batch["label"], torch.sigmoid(-0.1 * r), torch.sigmoid(0.1 * r)).mean()
     torch.testing.assert_close(loss, expected)
     assert metrics["kl"].item() > 0  # still estimated and logged
@@ -206,8 +206,8 @@ def test_precomputed_reference_values_equal_on_the_fly(tiny_lm_dir, tmp_path):
         trainer.fit(module, dm)
     ratio = [w for w in caught if "λ_D·n_D/(λ_U·n_U)" in str(w.message)]
     assert len(ratio) == 1 and "n_desirable=12, n_undesirable=12" in str(ratio[0].message)
-    assert module.reference is None
-    table = module.ref_tables["train"][1]
+    assert module.reference.network is None
+    table = module.ref_logp_table.tables["train"][1]
     assert table.shape == (24, 2)
     on_the_fly = KTO(model_name_or_path=str(tiny_lm_dir))
     on_the_fly.configure_model()
@@ -252,7 +252,7 @@ def test_kto_config_learns_through_the_cli(in_project):
     module = cli.model
     moved = [
         not torch.equal(p, q)
-        for p, q in zip(module.policy.parameters(), module.reference.parameters(), strict=True)
+        for p, q in zip(module.policy.parameters(), module.reference.network.parameters(), strict=True)
     ]
-    assert all(moved) and all(not p.requires_grad for p in module.reference.parameters())
+    assert all(moved) and all(not p.requires_grad for p in module.reference.network.parameters())
     assert (in_project / "outputs" / "kto" / "model" / "config.json").is_file()

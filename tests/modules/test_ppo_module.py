@@ -18,7 +18,7 @@ from transformers import AutoModelForSequenceClassification
 from lit_pref.cli import main
 from lit_pref.losses.ppo import AdaptiveKLController
 from lit_pref.modules import PPO
-from lit_pref.modules.ppo import ValueModel
+from lit_pref.scoring import ValueModel
 
 MOOD = "lit_pref.tasks:mood_reward"
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +41,8 @@ def test_configuration_is_validated(tiny_lm_dir):
         PPO(model_name_or_path=model, rewards=MOOD, kl_estimator="k2")
     with pytest.raises(ValueError, match="num_ppo_epochs"):
         PPO(model_name_or_path=model, rewards=MOOD, num_ppo_epochs=0)
-    with pytest.raises(ValueError, match="precompute_ref_logps"):
+    # Online modules have no precompute_ref_logps argument (completions are sampled online).
+    with pytest.raises(TypeError, match="precompute_ref_logps"):
         PPO(model_name_or_path=model, rewards=MOOD, precompute_ref_logps=True)
     with pytest.raises(ValueError, match="drop value_model_name_or_path"):
         PPO(model_name_or_path=model, rewards=MOOD, value_head_on_policy=True, value_model_name_or_path=model)
@@ -103,13 +104,13 @@ def test_optimizer_steps_per_rollout(tiny_lm_dir, tiny_rm_dir, tmp_path):
     policy, value, reference = (
         snapshot(module.policy),
         snapshot(module.value_model),
-        snapshot(module.reference),
+        snapshot(module.reference.network),
     )
     trainer.fit(module, prompts_data(batch_size=4))
     assert counter.steps == [4, 4] and trainer.global_step == 8
     assert len(backward_calls) == 16  # 2 rollouts × 2 epochs × 2 mini-batches × 2 micro-batches
     assert changed(module.policy, policy) and changed(module.value_model, value)
-    assert not changed(module.reference, reference)
+    assert not changed(module.reference.network, reference)
     metrics = trainer.callback_metrics
     for name in ("score", "rewards/mood_reward", "rewards/tiny_rm0", "rlhf_reward", "non_score_reward", "kl",
                  "kl_coef", "entropy", "loss", "policy/loss", "policy/approx_kl", "policy/clip_frac_low",
@@ -142,9 +143,9 @@ def test_lora_policy_value_head_and_adaptive_kl(tiny_lm_dir, tmp_path):
         num_ppo_epochs=1,
         optimizer=partial(torch.optim.AdamW, lr=1e-2),
     )
-    assert module.reference_kind == "adapter_disabled"
+    assert module.reference.kind == "adapter_disabled"
     module.configure_model()
-    assert module.value_model is None and module.value_head is not None and module.reference is None
+    assert module.value_model is None and module.value_head is not None and module.reference.network is None
     base = {n: p.detach().clone() for n, p in module.policy.named_parameters() if "lora_" not in n}
     lora = {n: p.detach().clone() for n, p in module.policy.named_parameters() if "lora_" in n}
     head = module.value_head.weight.detach().clone()
@@ -153,7 +154,7 @@ def test_lora_policy_value_head_and_adaptive_kl(tiny_lm_dir, tmp_path):
         kls: list[float] = []  # noqa: RUF012
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.kls.append(float(pl_module._rollout_kl))
+            self.kls.append(pl_module.rollout_kl)
 
     record = RecordKL()
     trainer = make_trainer(tmp_path, max_steps=3, callbacks=[record])

@@ -1,0 +1,90 @@
+"""The module core: networks built exactly once, the rollout-engine interface, injected schedulers."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+from rl_helpers import make_trainer, prompts_data
+
+from lit_pref.data.datamodule import PreferenceDataModule
+from lit_pref.engines import GenerateEngine, RolloutEngine, Samples
+from lit_pref.modules import DPO, GRPO, PPO
+
+MOOD = "lit_pref.tasks:mood_reward"
+
+
+class RecordingEngine(RolloutEngine):
+    """The built-in engine, recording every call the online base makes to the interface."""
+
+    def __init__(self) -> None:
+        self.inner = GenerateEngine()
+        self.sampled: list[tuple[int, int]] = []  # (prompts, completions per prompt)
+        self.weight_updates = 0
+
+    def sample(self, policy, prompt_input_ids, prompt_attention_mask, num_generations, settings, tokenizer) -> Samples:
+        self.sampled.append((prompt_input_ids.shape[0], num_generations))
+        return self.inner.sample(policy, prompt_input_ids, prompt_attention_mask, num_generations, settings, tokenizer)
+
+    def weights_changed(self, policy) -> None:
+        self.weight_updates += 1
+
+
+def test_build_networks_runs_once_then_sharding_every_call(tiny_lm_dir, monkeypatch):
+    module = DPO(model_name_or_path=str(tiny_lm_dir))
+    builds, shards = [], []
+    original = DPO.build_networks
+    monkeypatch.setattr(DPO, "build_networks", lambda self: (builds.append(1), original(self)))
+    monkeypatch.setattr(DPO, "shard_networks", lambda self: shards.append(1))
+    module.configure_model()
+    policy, reference = module.policy, module.reference.network
+    module.configure_model()  # Lightning calls it again for validate / test: nothing is rebuilt
+    assert builds == [1] and shards == [1, 1]
+    assert module.policy is policy and module.reference.network is reference is not None
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_online_modules_sample_through_the_engine_and_tell_it_of_each_step(algorithm, tiny_lm_dir, tmp_path):
+    engine = RecordingEngine()
+    common = dict(model_name_or_path=str(tiny_lm_dir), rewards=MOOD, max_new_tokens=4, rollout_engine=engine)
+    if algorithm == "grpo":
+        module = GRPO(num_generations=2, num_iterations=2, num_mini_batches=2, **common)
+        steps_per_rollout, k = 4, 2
+    else:
+        module = PPO(num_ppo_epochs=3, **common)
+        steps_per_rollout, k = 3, 1
+    trainer = make_trainer(tmp_path, limit_train_batches=2, max_epochs=1)
+    trainer.fit(module, prompts_data(batch_size=4))
+    assert engine.sampled == [(4, k), (4, k)]  # one rollout per batch of prompts
+    assert engine.weight_updates == trainer.global_step == 2 * steps_per_rollout
+
+
+def test_reduce_lr_on_plateau_steps_in_the_online_loop(tiny_lm_dir, tmp_path):
+    """An injected ReduceLROnPlateau steps on the loss under manual optimisation."""
+    module = GRPO(
+        model_name_or_path=str(tiny_lm_dir), rewards=MOOD, num_generations=2, max_new_tokens=4,
+        optimizer=partial(torch.optim.SGD, lr=1e-3),
+        lr_scheduler=partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=0, factor=0.5),
+    )  # fmt: skip
+    trainer = make_trainer(tmp_path, limit_train_batches=3, max_epochs=1)
+    trainer.fit(module, prompts_data(batch_size=4))
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert scheduler.last_epoch == trainer.global_step == 3  # stepped once per optimizer step
+
+
+def test_reduce_lr_on_plateau_monitors_the_training_loss_offline(tiny_lm_dir, tmp_path):
+    module = DPO(
+        model_name_or_path=str(tiny_lm_dir),
+        optimizer=partial(torch.optim.SGD, lr=1e-3),
+        lr_scheduler=partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=0),
+    )
+    data = PreferenceDataModule(
+        "lit_pref.tasks:mood_preferences", tokenizer_name_or_path=str(tiny_lm_dir), batch_size=4,
+        max_train_samples=8, val_split=None,
+    )  # fmt: skip
+    trainer = make_trainer(tmp_path, max_steps=2)
+    trainer.fit(module, data)
+    config = trainer.lr_scheduler_configs[0]
+    assert config.monitor == "train/loss" and config.scheduler.last_epoch == 2
