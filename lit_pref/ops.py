@@ -7,11 +7,13 @@ the values; positions where the mask is 0 never influence a result.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from lit_pref.types import CausalLM, CompletionLogps
+from lit_pref.types import CausalLM, CompletionBatch, CompletionLogps
 
 
 def masked_sum(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -210,6 +212,19 @@ def completion_logps(
         with_entropy=with_entropy,
         with_sq_norm=with_sq_norm,
         with_argmax=with_argmax,
+    )
+
+
+def batch_logps(model: torch.nn.Module, batch: CompletionBatch, **kwargs: Any) -> CompletionLogps:
+    """:func:`completion_logps` of a collated batch (its ``completion_mask`` counted when present)."""
+    return completion_logps(
+        model,
+        batch["prompt_input_ids"],
+        batch["prompt_attention_mask"],
+        batch["completion_input_ids"],
+        batch["completion_attention_mask"],
+        batch.get("completion_mask"),
+        **kwargs,
     )
 
 

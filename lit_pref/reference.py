@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lit_pref.models import freeze, is_adapter_dir
-from lit_pref.ops import completion_logps
+from lit_pref.ops import batch_logps
 from lit_pref.types import CausalLM, CompletionBatch, CompletionLogps
 
 ReferenceKind = Literal["auto", "copy", "model", "adapter_disabled", "adapter", "none"]
@@ -234,15 +234,7 @@ class Reference(torch.nn.Module):
                 ``share_prompt``, ``temperature``…).
         """
         with torch.no_grad(), self._scoring_model(policy) as model, eval_mode(model):
-            return completion_logps(
-                model,
-                batch["prompt_input_ids"],
-                batch["prompt_attention_mask"],
-                batch["completion_input_ids"],
-                batch["completion_attention_mask"],
-                batch.get("completion_mask"),
-                **kwargs,
-            )
+            return batch_logps(model, batch, **kwargs)
 
     @contextlib.contextmanager
     def policy_standing_in(self) -> Iterator[None]:

@@ -34,7 +34,7 @@ from lit_pref.models import (
     load_causal_lm,
     load_tokenizer,
 )
-from lit_pref.ops import completion_logps
+from lit_pref.ops import batch_logps
 from lit_pref.types import CausalLM, CompletionBatch, CompletionLogps
 
 log = logging.getLogger(__name__)
@@ -196,16 +196,7 @@ class AlignmentModule(LightningModule):
 
     def logps(self, model: torch.nn.Module, batch: CompletionBatch, **kwargs: Any) -> CompletionLogps:
         """Completion log-probs of ``batch`` under ``model`` through the shared path."""
-        return completion_logps(
-            model,
-            batch["prompt_input_ids"],
-            batch["prompt_attention_mask"],
-            batch["completion_input_ids"],
-            batch["completion_attention_mask"],
-            batch.get("completion_mask"),
-            chunk_size=self.chunk_size,
-            **kwargs,
-        )
+        return batch_logps(model, batch, chunk_size=self.chunk_size, **kwargs)
 
     # -------------------------------------------------------------------- steps
     def shared_step(self, batch: Any, split: str) -> tuple[Tensor, dict[str, Tensor]]:
