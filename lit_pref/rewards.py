@@ -8,7 +8,9 @@ A reward source is named by a string:
   prompts); ``columns`` holds the dataset's other columns repeated per completion, plus
   ``completion_ids`` (the sampled token ids). Functions must accept ``**kwargs``. ``None`` means
   "does not apply to this completion": the completion's total is then the weighted sum of the
-  sources that did score it.
+  sources that did score it, and a completion no source scored gets 0, counted in a warning.
+  NaN, infinities and values that are not numbers are errors naming the function and the
+  completion: training on them would silently poison the advantages.
 * a directory — a reward model (the reward stage's output), loaded with
   :class:`lit_pref.scoring.RewardScorer` and read at the last real token. When it shares the
   policy's tokenizer it scores the exact prompt + completion token ids that were sampled;
@@ -49,6 +51,33 @@ def import_object(path: str) -> Any:
             raise ValueError(f"{module_name!r} has no attribute {attribute!r} (reward {path!r})")
         obj = getattr(obj, part)
     return obj
+
+
+def _sample(index: int, prompts: Sequence[Any], completions: Sequence[Any]) -> str:
+    return f"completion {index} (prompt {str(prompts[index])[:60]!r}, completion {str(completions[index])[:60]!r})"
+
+
+def _function_rewards(name: str, out: list[Any], prompts: Sequence[Any], completions: Sequence[Any]) -> Tensor:
+    """A function's rewards as float32, NaN where it returned None; anything else not finite is an error."""
+    values = []
+    for i, value in enumerate(out):
+        if value is None:
+            values.append(math.nan)
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"reward function {name} returned {value!r} ({type(value).__name__}) for "
+                f"{_sample(i, prompts, completions)}; expected a number, or None where it does not apply"
+            ) from None
+        if not math.isfinite(number):
+            raise ValueError(
+                f"reward function {name} returned {number} for {_sample(i, prompts, completions)}; a reward "
+                "must be a finite number, or None where it does not apply"
+            )
+        values.append(number)
+    return torch.tensor(values, dtype=torch.float32)
 
 
 def is_model_dir(source: object) -> bool:
@@ -157,6 +186,7 @@ class RewardSet:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.missing_eos_penalty = missing_eos_penalty
         self.batch_size = batch_size
+        self.unscored = 0  # completions no source scored, over every call
         self.sources: list[RewardSource] = []
         taken: set[str] = set()
         for source, weight in zip(sources, weights, strict=True):
@@ -183,7 +213,7 @@ class RewardSet:
     def load_models(self, policy_tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         """Load the reward models (frozen); each scores token ids when it shares ``policy_tokenizer``."""
         for source in self.sources:
-            if source.is_model and source.scorer is None:
+            if source.directory is not None and source.scorer is None:
                 source.scorer = load_reward_scorer(source.directory)
                 module = _scorer_module(source.scorer)
                 if module is not None:
@@ -207,6 +237,8 @@ class RewardSet:
         for start in range(0, len(completions), self.batch_size):
             end = start + self.batch_size
             if source.score_ids:
+                if ids is None or mask is None:
+                    raise ValueError(f"reward model {source.directory} scores token ids: pass sequence_ids and sequence_mask")
                 chunk_mask = mask[start:end]
                 width = int(chunk_mask.sum(-1).max())
                 values = source.scorer.score_ids(ids[start:end, :width], chunk_mask[:, :width])
@@ -258,24 +290,33 @@ class RewardSet:
                         f"reward model {source.directory} is not loaded (call load_models first)"
                     )
                 values = self._score_model(source, prompts, completions, sequence_ids, sequence_mask)
+                bad = (~values.isfinite()).nonzero().flatten().tolist()
+                if bad:
+                    raise ValueError(
+                        f"reward model {source.directory} gave {values[bad[0]].item()} for {len(bad)} of {n} "
+                        f"completions, e.g. {_sample(bad[0], prompts, completions)}; its scores must be finite "
+                        "(a float16 overflow? load it in float32 or bfloat16)"
+                    )
             else:
+                assert source.function is not None  # a source is a model directory or a function
                 out = source.function(list(prompts), list(completions), **kwargs)
                 out = list(out)
                 if len(out) != n:
                     raise ValueError(
                         f"reward function {source.name} returned {len(out)} rewards for {n} completions"
                     )
-                values = torch.tensor([math.nan if v is None else float(v) for v in out], dtype=torch.float32)
+                values = _function_rewards(source.name, out, prompts, completions)
             per_source[source.name] = values
         stacked = torch.stack(list(per_source.values()), -1)
         weights = torch.tensor([s.weight for s in self.sources], dtype=torch.float32)
         scored = ~stacked.isnan()
         total = torch.where(scored, stacked * weights, torch.zeros_like(stacked)).sum(-1)
         unscored = int((~scored.any(-1)).sum())
+        self.unscored += unscored
         if unscored:
             warnings.warn(
-                f"{unscored} of {n} completions were scored by no reward source (all returned None); "
-                "their reward is 0",
+                f"{unscored} of {n} completions were scored by no reward source (every source returned None "
+                f"for them); their reward is 0 ({self.unscored} so far)",
                 stacklevel=2,
             )
         if self.missing_eos_penalty is not None and ended is not None:

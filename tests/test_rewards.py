@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lit_pref import tasks
-from lit_pref.rewards import RewardSet, import_object, same_tokenizer
+from lit_pref.rewards import RewardSet, RewardSource, import_object, same_tokenizer
 from lit_pref.rollout import Rollout, score_rollout
 from lit_pref.scoring import RewardScorer
 
@@ -83,6 +83,73 @@ def test_all_none_warns():
     with pytest.warns(UserWarning, match="scored by no reward source"):
         total, _ = RewardSet(lambda prompts, completions, **_: [None, 1.0]).score(["p", "q"], ["a", "b"])
     assert total.tolist() == [0.0, 1.0]
+
+
+def test_completions_no_source_scored_are_counted_over_calls():
+    rewards = RewardSet(lambda prompts, completions, **_: [None] * len(completions))
+    with pytest.warns(UserWarning) as caught:
+        rewards.score(["p", "q"], ["a", "b"])
+        rewards.score(["p", "q", "r"], ["a", "b", "c"])
+    assert [str(w.message) for w in caught] == [
+        "2 of 2 completions were scored by no reward source (every source returned None for them); "
+        "their reward is 0 (2 so far)",
+        "3 of 3 completions were scored by no reward source (every source returned None for them); "
+        "their reward is 0 (5 so far)",
+    ]
+    assert rewards.unscored == 5
+
+
+def returns(*values):
+    def reward(prompts, completions, **_):
+        return list(values)
+
+    return reward
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"), [(math.nan, "nan"), (math.inf, "inf"), (-math.inf, "-inf"), (torch.tensor(math.nan), "nan")]
+)
+def test_nan_and_inf_rewards_are_errors_naming_the_function_and_completion(value, shown):
+    rewards = RewardSet(returns(1.0, value), weights=[2.0])
+    rewards.sources[0].name = "my_reward"
+    with pytest.raises(ValueError) as info:
+        rewards.score(["Write a happy line:", "Write a sad line:"], [" good", " dark"])
+    assert str(info.value) == (
+        f"reward function my_reward returned {shown} for completion 1 (prompt 'Write a sad line:', completion "
+        "' dark'); a reward must be a finite number, or None where it does not apply"
+    )
+
+
+def test_a_reward_that_is_not_a_number_is_an_error():
+    rewards = RewardSet(returns("high", 1.0))
+    rewards.sources[0].name = "my_reward"
+    with pytest.raises(ValueError) as info:
+        rewards.score(["p", "q"], ["a", "b"])
+    assert str(info.value) == (
+        "reward function my_reward returned 'high' (str) for completion 0 (prompt 'p', completion 'a'); "
+        "expected a number, or None where it does not apply"
+    )
+
+
+def test_numbers_of_any_numeric_type_are_rewards():
+    with pytest.warns(UserWarning, match="1 of 4 completions were scored by no reward source"):
+        total, _ = RewardSet(returns(1, True, torch.tensor(0.5), None)).score(list("pqrs"), list("abcd"))
+    assert total.tolist() == [1.0, 1.0, 0.5, 0.0]
+
+
+def test_a_reward_model_giving_nan_is_an_error():
+    class NanScorer:
+        def score(self, prompts, completions):
+            return [0.5, math.nan]
+
+    rewards = RewardSet(returns(0.0, 0.0))
+    rewards.sources.append(RewardSource("rm", 1.0, directory="outputs/reward/model", scorer=NanScorer()))
+    with pytest.raises(ValueError) as info:
+        rewards.score(["p", "q"], ["a", "b"])
+    assert str(info.value) == (
+        "reward model outputs/reward/model gave nan for 1 of 2 completions, e.g. completion 1 (prompt 'q', "
+        "completion 'b'); its scores must be finite (a float16 overflow? load it in float32 or bfloat16)"
+    )
 
 
 def test_reward_model_scores_sampled_ids_like_text(tiny_rm_dir, tokenizer):

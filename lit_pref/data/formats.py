@@ -15,6 +15,7 @@ Each field is plain text or a conversation (a list of ``{"role", "content"}`` me
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -39,8 +40,33 @@ CONVERTIBLE: dict[str, tuple[str, ...]] = {
 TURN_MARKERS = ("\n\nAssistant:", "\nAssistant:", "Assistant:")
 
 
+# The roles chat templates render; anything else is a typo or another dataset's convention.
+ROLES = ("system", "user", "assistant", "tool")
+# Other datasets' names for the same roles, for the hint in the error.
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "usr": "user"}
+
+
 class DataFormatError(ValueError):
-    """A dataset that does not fit any accepted shape, or a malformed row."""
+    """A dataset that does not fit any accepted shape, or a malformed row.
+
+    A row's error carries ``row`` (its index in the data the row function saw) and ``reason`` (the
+    message without the row), so the data module can name the row in the source file and, with
+    ``bad_rows="skip"``, skip it. ``skippable`` is false for errors a setting asked for
+    (``truncation_mode: error``).
+    """
+
+    def __init__(self, message: str, row: int | None = None, reason: str | None = None, skippable: bool = True):
+        super().__init__(message)
+        self.row, self.reason, self.skippable = row, reason if reason is not None else message, skippable
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Tokenisation may run in worker processes (num_proc): keep the row through pickling.
+        return type(self), (str(self), self.row, self.reason, self.skippable)
+
+
+def row_error(index: int, reason: str, skippable: bool = True) -> DataFormatError:
+    """The error for row ``index``: ``row 5: <reason>``."""
+    return DataFormatError(f"row {index}: {reason}", row=index, reason=reason, skippable=skippable)
 
 
 def _accepted() -> str:
@@ -75,23 +101,37 @@ def is_conversation(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(m, Mapping) and "role" in m for m in value)
 
 
+def _role_hint(role: Any) -> str:
+    alias = ROLE_ALIASES.get(str(role).lower())
+    if alias is None:
+        close = difflib.get_close_matches(str(role).lower(), ROLES, n=1)
+        alias = close[0] if close else None
+    return f"; did you mean {alias!r}?" if alias else ""
+
+
 def _check_field(value: Any, column: str, index: int, allow_empty: bool = False) -> None:
     if is_conversation(value):
         if not value and not allow_empty:
-            raise DataFormatError(f"row {index}: column {column!r} is an empty conversation")
-        for message in value:
+            raise row_error(index, f"column {column!r} is an empty conversation")
+        for n, message in enumerate(value):
+            role = message["role"]
+            if role not in ROLES:
+                raise row_error(
+                    index,
+                    f"column {column!r} message {n} has role {role!r}; expected one of {', '.join(ROLES)}"
+                    + _role_hint(role),
+                )
             if not isinstance(message.get("content"), str):
-                raise DataFormatError(
-                    f"row {index}: column {column!r} has a message whose content is "
-                    f"{type(message.get('content')).__name__}, expected str"
+                raise row_error(
+                    index,
+                    f"column {column!r} has a message whose content is "
+                    f"{type(message.get('content')).__name__}, expected str",
                 )
         return
     if not isinstance(value, str):
-        raise DataFormatError(
-            f"row {index}: column {column!r} is {type(value).__name__}, expected str or a list of messages"
-        )
+        raise row_error(index, f"column {column!r} is {type(value).__name__}, expected str or a list of messages")
     if not value.strip() and not allow_empty:
-        raise DataFormatError(f"row {index}: column {column!r} is empty")
+        raise row_error(index, f"column {column!r} is empty")
 
 
 def split_implicit_prompt(chosen: Any, rejected: Any, index: int) -> tuple[Any, Any, Any]:
@@ -106,10 +146,10 @@ def split_implicit_prompt(chosen: Any, rejected: Any, index: int) -> tuple[Any, 
         while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
             n += 1
         if n == 0:
-            raise DataFormatError(f"row {index}: chosen and rejected share no leading messages (no prompt)")
+            raise row_error(index, "chosen and rejected share no leading messages (no prompt)")
         return chosen[:n], chosen[n:], rejected[n:]
     if not (isinstance(chosen, str) and isinstance(rejected, str)):
-        raise DataFormatError(f"row {index}: chosen and rejected must both be text or both conversations")
+        raise row_error(index, "chosen and rejected must both be text or both conversations")
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
@@ -118,7 +158,7 @@ def split_implicit_prompt(chosen: Any, rejected: Any, index: int) -> tuple[Any, 
     if cut < 0:
         cut = max(common.rfind(" "), common.rfind("\n"))
     if cut <= 0:
-        raise DataFormatError(f"row {index}: chosen and rejected share no prompt prefix ending at a word boundary")
+        raise row_error(index, "chosen and rejected share no prompt prefix ending at a word boundary")
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
@@ -131,12 +171,12 @@ def normalise_row(row: dict[str, Any], index: int, shape: str) -> dict[str, Any]
         for column in ("prompt", "chosen", "rejected"):
             _check_field(out[column], column, index)
         if "margin" in row and not isinstance(row["margin"], int | float):
-            raise DataFormatError(f"row {index}: column 'margin' must be a number, got {type(row['margin']).__name__}")
+            raise row_error(index, f"column 'margin' must be a number, got {type(row['margin']).__name__}")
     elif shape == "unpaired":
         for column in ("prompt", "completion"):
             _check_field(row[column], column, index)
         if not isinstance(row["label"], bool):
-            raise DataFormatError(f"row {index}: column 'label' must be a bool, got {row['label']!r}")
+            raise row_error(index, f"column 'label' must be a bool, got {row['label']!r}")
     elif shape == "prompt_completion":
         for column in ("prompt", "completion"):
             _check_field(row[column], column, index)

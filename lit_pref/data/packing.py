@@ -94,7 +94,7 @@ class PackingCollator:
         order = [i for b in bins for i in b]
         packed: dict[str, list[list[int]]] = {name: [] for name in PACKED_COLUMNS}
         for b in bins:
-            row = {name: [] for name in PACKED_COLUMNS}
+            row: dict[str, list[int]] = {name: [] for name in PACKED_COLUMNS}
             for segment, i in enumerate(b):
                 n = len(ids[i])
                 row["input_ids"] += ids[i]

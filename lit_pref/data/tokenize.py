@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from lit_pref.data.formats import DataFormatError, is_conversation
+from lit_pref.data.formats import DataFormatError, is_conversation, row_error
 
 TruncationMode = Literal["keep_end", "keep_start", "drop", "error"]
 
@@ -34,19 +34,31 @@ class TruncationConfig:
         truncation_mode: ``keep_end`` keeps a long prompt's last tokens (the turn being answered),
             ``keep_start`` its first; completions always keep their start. ``drop`` removes
             rows over a limit, ``error`` raises on the first one.
+        min_prompt_length: prompts that truncation leaves shorter than this many tokens (or than
+            ``max_prompt_length``, if smaller) are counted and warned about: a prompt cut to a
+            token or two no longer says what the completion answers (``None``: no check).
     """
 
     max_length: int | None = None
     max_prompt_length: int | None = None
     max_completion_length: int | None = None
     truncation_mode: TruncationMode = "keep_end"
+    min_prompt_length: int | None = 8
+
+    @property
+    def prompt_floor(self) -> int:
+        """The length below which a truncated prompt is reported: ``min_prompt_length``, or less when
+        ``max_prompt_length`` itself asks for shorter prompts."""
+        if self.min_prompt_length is None:
+            return 0
+        return min(self.min_prompt_length, self.max_prompt_length or self.min_prompt_length)
 
     def __post_init__(self) -> None:
         if self.truncation_mode not in ("keep_end", "keep_start", "drop", "error"):
             raise ValueError(
                 f"truncation_mode must be keep_end, keep_start, drop or error, got {self.truncation_mode!r}"
             )
-        for name in ("max_length", "max_prompt_length", "max_completion_length"):
+        for name in ("max_length", "max_prompt_length", "max_completion_length", "min_prompt_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive number of tokens or null, got {value}")
@@ -113,9 +125,10 @@ def encode_completion(
             tokenizer, _as_messages(prompt, "user") + _as_messages(completion, "assistant"), generation_prompt=False
         )
         if full[: len(prompt_ids)] != prompt_ids:
-            raise DataFormatError(
-                f"row {index}: the chat template renders the prompt differently on its own and inside the "
-                "conversation, so prompt and completion cannot be split in token space"
+            raise row_error(
+                index,
+                "the chat template renders the prompt differently on its own and inside the "
+                "conversation, so prompt and completion cannot be split in token space",
             )
         return _with_eos(tokenizer, full[len(prompt_ids) :])
     return _with_final_eos(tokenizer, tokenizer(completion, add_special_tokens=False).input_ids)
@@ -173,7 +186,7 @@ def truncate(
         return prompt[-limit:]
 
     original_prompt, original_lengths = len(prompt), [len(c) for c in completions]
-    if over_prompt:
+    if over_prompt and config.max_prompt_length is not None:
         prompt = cut_prompt(config.max_prompt_length)
     if config.max_completion_length is not None:
         completions = [c[: config.max_completion_length] for c in completions]
@@ -195,14 +208,14 @@ def _sft_ids(
     if "messages" in row and row.get("messages") is not None:
         ids, assistant = encode_conversation(tokenizer, row["messages"])
         if not any(assistant):
-            raise DataFormatError(f"row {index}: the conversation has no assistant turn to train on")
+            raise row_error(index, "the conversation has no assistant turn to train on")
         split = assistant.index(1) if completion_only_loss else 1
         mask = assistant[split:] if completion_only_loss else [1] * (len(ids) - split)
         return ids[:split], ids[split:], mask
     if "text" in row and row.get("text") is not None:
         ids = _with_final_eos(tokenizer, _fix_bos(tokenizer, tokenizer(row["text"]).input_ids))
         if len(ids) < 2:
-            raise DataFormatError(f"row {index}: column 'text' is too short to train on")
+            raise row_error(index, "column 'text' is too short to train on")
         return ids[:1], ids[1:], [1] * (len(ids) - 1)
     completion_key = "chosen" if "chosen" in row else "completion"
     prompt_ids = encode_prompt(tokenizer, row["prompt"])
@@ -226,7 +239,8 @@ def tokenize_row(
 
     Returns ``prompt_input_ids`` and, per target, ``chosen_input_ids``/``rejected_input_ids``
     (paired), ``completion_input_ids`` (unpaired), ``completion_input_ids``/``completion_mask``
-    (sft), plus the truncation flags ``_truncated_prompt``, ``_truncated_completion``, ``_drop``.
+    (sft), plus the truncation flags ``_truncated_prompt``, ``_truncated_completion``, ``_drop``
+    and ``_short_prompt`` (truncation left the prompt under ``min_prompt_length`` tokens).
     """
     mask: list[int] | None = None
     if target == "sft":
@@ -237,13 +251,15 @@ def tokenize_row(
         keys = {"paired": ("chosen", "rejected"), "unpaired": ("completion",), "prompt_only": ()}[target]
         completions = [encode_completion(tokenizer, row["prompt"], row[k], prompt_ids, index) for k in keys]
     if not prompt_ids:
-        raise DataFormatError(f"row {index}: the prompt encodes to no tokens")
+        raise row_error(index, "the prompt encodes to no tokens")
     try:
         prompt_ids, completions, flags = truncate(
             prompt_ids, completions, truncation, bos_token_id=tokenizer.bos_token_id
         )
     except DataFormatError as error:
-        raise DataFormatError(f"row {index}: {error}") from None
+        # Asked for by truncation_mode=error: never skipped as a bad row.
+        raise row_error(index, str(error), skippable=False) from None
+    flags["short_prompt"] = flags["truncated_prompt"] and len(prompt_ids) < truncation.prompt_floor
     out: dict[str, Any] = {"prompt_input_ids": prompt_ids}
     if target == "paired":
         out["chosen_input_ids"], out["rejected_input_ids"] = completions
