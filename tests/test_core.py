@@ -88,3 +88,41 @@ def test_reduce_lr_on_plateau_monitors_the_training_loss_offline(tiny_lm_dir, tm
     trainer.fit(module, data)
     config = trainer.lr_scheduler_configs[0]
     assert config.monitor == "train/loss" and config.scheduler.last_epoch == 2
+
+
+KILLED_DURING_EXPORT = """
+import os, signal, sys
+from lit_pref.modules import DPO
+
+module = DPO(model_name_or_path=sys.argv[1])
+module.configure_model()
+def die(directory, *args, **kwargs):  # the weights are written, the tokenizer is not: SIGKILL now
+    os.kill(os.getpid(), signal.SIGKILL)
+module.tokenizer.save_pretrained = die
+module.save_pretrained(sys.argv[2])
+"""
+
+
+def test_export_is_atomic_when_killed_midway(tiny_lm_dir, tmp_path):
+    """A process SIGKILLed in the middle of an export leaves the previous complete export in place."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "model"
+    first = DPO(model_name_or_path=str(tiny_lm_dir))
+    first.configure_model()
+    first.save_pretrained(out)
+    before = sorted(p.name for p in out.iterdir())
+    killed = subprocess.run([sys.executable, "-c", KILLED_DURING_EXPORT, str(tiny_lm_dir), str(out)], timeout=300)
+    assert killed.returncode == -9
+    assert sorted(p.name for p in out.iterdir()) == before  # untouched
+    partial = tmp_path / "model.partial"
+    assert (partial / "config.json").is_file() and not (partial / "tokenizer_config.json").exists()
+    AutoModelForCausalLM.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+    # The next export replaces both the old one and the leftover.
+    first.save_pretrained(out)
+    assert not partial.exists() and not (tmp_path / "model.previous").exists()
+    assert sorted(p.name for p in out.iterdir()) == before

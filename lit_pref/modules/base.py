@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
+import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -81,6 +84,8 @@ class AlignmentModule(LightningModule):
     default_lr: ClassVar[float] = 1e-5
     # The loss value that means "nothing learned yet"; None when there is no such value.
     stuck_loss: float | None = None
+    # What the export holds, for the log line.
+    exported_name: ClassVar[str] = "policy"
 
     def __init__(
         self,
@@ -315,13 +320,42 @@ class AlignmentModule(LightningModule):
         """Save the policy and tokenizer in Hugging Face format; global rank zero writes.
 
         Every rank must call it: under FSDP2 and DeepSpeed ZeRO-3 the full weights are first
-        gathered collectively (a rank returning early would leave the others waiting).
+        gathered collectively (a rank returning early would leave the others waiting). The
+        files are written to a temporary sibling of ``directory`` that is then renamed into
+        place, so ``directory`` is never half-written: a run killed during the export leaves
+        the previous export (or none) and a ``.partial`` sibling.
         """
         zero = self._trainer is None or self.trainer.is_global_zero
         with zero3_gathered(self.policy):
             model = self.export_model() if zero or is_sharded(self.policy) else None
             if model is None:
                 return
-            model.save_pretrained(directory)
+            with atomic_directory(directory) as partial:
+                self.write_export(model, partial)
+        rank_zero_info(f"saved the trained {self.exported_name} and tokenizer to {directory}")
+
+    def write_export(self, model: CausalLM, directory: Path) -> None:
+        """Write what :meth:`save_pretrained` exports into ``directory`` (a subclass adds its files)."""
+        model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
-        rank_zero_info(f"saved the trained policy and tokenizer to {directory}")
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of ``directory`` to write into; on success it replaces
+    ``directory`` by renames (on one filesystem), on failure it is left as ``<name>.partial``."""
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir()
+    yield partial
+    previous = target.with_name(target.name + ".previous")
+    if previous.exists():
+        shutil.rmtree(previous)
+    if target.exists():
+        target.rename(previous)
+    partial.rename(target)
+    if previous.exists():
+        shutil.rmtree(previous)

@@ -81,6 +81,7 @@ class RewardModel(AlignmentModule):
 
     data_target = "paired"
     default_lr = 1e-5
+    exported_name = "reward model"
     stuck_loss = math.log(2)
 
     def __init__(
@@ -214,8 +215,8 @@ class RewardModel(AlignmentModule):
         }
 
     # ------------------------------------------------------------------- export
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Save the network and tokenizer (Hugging Face format) and the value head, if any."""
-        super().save_pretrained(directory)
-        if self.value_head is not None and (self._trainer is None or self.trainer.is_global_zero):
+    def write_export(self, model: CausalLM, directory: Path) -> None:
+        """The network and tokenizer (Hugging Face format) and the value head, if any."""
+        super().write_export(model, directory)
+        if self.value_head is not None:
             save_value_head(self.value_head, directory)
