@@ -11,12 +11,14 @@ import contextlib
 import copy
 import hashlib
 import json
+import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lit_pref.models import freeze, is_adapter_dir
@@ -101,20 +103,27 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _directory_fingerprint(path: Path) -> str:
-    """Names, sizes and modification times of a model directory's weight and config files."""
-    entries = []
+    """A hash of the names and contents of a model directory's weight and config files.
+
+    The contents, not sizes and modification times: weights rewritten in place with their
+    mtime kept (``cp -p``, ``rsync -a``, ``tar x``) must not be served a stale cache. Reading
+    the files costs about a second per GB, once per run that precomputes.
+    """
+    digest = hashlib.sha256()
     for file in sorted(path.rglob("*")):
         if file.is_file() and file.suffix in _WEIGHT_SUFFIXES:
-            stat = file.stat()
-            entries.append(f"{file.relative_to(path)}:{stat.st_size}:{stat.st_mtime_ns}")
-    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:20]
+            digest.update(f"{file.relative_to(path)}\0".encode())
+            with file.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:20]
 
 
 def model_fingerprint(source: str | torch.nn.Module) -> str:
     """A cheap identity of a model's weights for cache keys.
 
-    A local directory is identified by its weight/config files' names, sizes and modification
-    times (an adapter directory also by its base model); a hub id by the commit of its cached
+    A local directory is identified by a hash of its weight/config files' names and contents
+    (an adapter directory also by its base model); a hub id by the commit of its cached
     snapshot when there is one; a model object by a hash of its weights.
     """
     if isinstance(source, str):
@@ -155,18 +164,30 @@ class RefLogpCache:
         self.path = Path(directory) / f"ref_logps-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
 
     def load(self) -> torch.Tensor | None:
-        if self.path.is_file():
-            rank_zero_info(f"reusing precomputed reference log-probs from {self.path}")
-            return torch.load(self.path, weights_only=True)
-        return None
+        """The cached table, or ``None`` when there is none or it cannot be read (then it is
+        reported in one line and removed, so that it is rebuilt)."""
+        if not self.path.is_file():
+            return None
+        try:
+            table = torch.load(self.path, weights_only=True)
+            if not isinstance(table, torch.Tensor) or table.dim() != 2:
+                raise ValueError(f"holds a {type(table).__name__}, not a [rows, values] tensor")
+        except Exception as error:  # a truncated or foreign file: any reader error means the same
+            reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+            rank_zero_warn(f"the reference-log-prob cache {self.path} is unreadable ({reason}); rebuilding it")
+            self.path.unlink(missing_ok=True)
+            return None
+        rank_zero_info(f"reusing precomputed reference log-probs from {self.path}")
+        return table
 
     def save(self, table: torch.Tensor, is_global_zero: bool) -> None:
         if is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Write then rename, so an interrupted run never leaves a truncated cache behind.
-            partial = self.path.with_suffix(".partial")
+            # A temporary name of this process's own, renamed atomically: an interrupted run never
+            # leaves a truncated cache, and two runs sharing the directory never write one file.
+            partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
             torch.save(table, partial)
-            partial.replace(self.path)
+            os.replace(partial, self.path)
             rank_zero_info(f"cached reference log-probs to {self.path}")
 
 

@@ -126,3 +126,41 @@ def test_export_is_atomic_when_killed_midway(tiny_lm_dir, tmp_path):
     first.save_pretrained(out)
     assert not partial.exists() and not (tmp_path / "model.previous").exists()
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_reference_fingerprint_follows_the_weights_content(tiny_lm_dir, tmp_path):
+    """Weights rewritten in place with size and mtime kept (cp -p, rsync -a) change the cache key."""
+    import os
+    import shutil
+
+    from lit_pref.reference import model_fingerprint
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_lm_dir, model)
+    before = model_fingerprint(str(model))
+    assert model_fingerprint(str(model)) == before  # deterministic
+    weights = next(model.glob("*.safetensors"))
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one byte of the last tensor
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights.stat().st_size == stat.st_size and weights.stat().st_mtime_ns == stat.st_mtime_ns
+    assert model_fingerprint(str(model)) != before
+
+
+def test_corrupt_reference_cache_is_reported_and_rebuilt(tmp_path):
+    from lit_pref.reference import RefLogpCache
+
+    cache = RefLogpCache(tmp_path, "key")
+    table = torch.arange(6.0).view(3, 2)
+    cache.save(table, is_global_zero=True)
+    assert torch.equal(cache.load(), table)
+    assert [p.name for p in tmp_path.iterdir()] == [cache.path.name]  # no temporary left behind
+    cache.path.write_bytes(cache.path.read_bytes()[:40])  # truncated, as by a full disk
+    with pytest.warns(UserWarning, match=r"cache .* is unreadable \(.*\); rebuilding it") as caught:
+        assert cache.load() is None
+    assert len(caught) == 1 and "weights_only" not in str(caught[0].message)
+    assert not cache.path.exists()
+    cache.save(table, is_global_zero=True)
+    assert torch.equal(cache.load(), table)

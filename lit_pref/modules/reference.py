@@ -164,6 +164,8 @@ class OfflineReferenceModule(ReferenceModule):
         # Every rank takes the same branch (a rank without the file, e.g. on another node's disk,
         # would otherwise score alone and hang the collectives of a sharded reference).
         loaded = cache.load() if all_ranks_agree(cache.path.is_file(), self.device) else None
+        if not all_ranks_agree(loaded is not None, self.device):
+            loaded = None  # unreadable on some rank: every rank rebuilds it
         if loaded is None:
             loaded = self.score_reference_table(split, cache)
         return table.put(split, fingerprint, loaded.to(self.device))
