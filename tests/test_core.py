@@ -164,3 +164,12 @@ def test_corrupt_reference_cache_is_reported_and_rebuilt(tmp_path):
     assert not cache.path.exists()
     cache.save(table, is_global_zero=True)
     assert torch.equal(cache.load(), table)
+
+
+def test_grpo_takes_trls_bool_scale_rewards(tiny_lm_dir):
+    make = partial(GRPO, model_name_or_path=str(tiny_lm_dir), rewards=MOOD)
+    assert make(scale_rewards=True).loss_config.scale_rewards == "group"
+    assert make(scale_rewards=False).loss_config.scale_rewards == "none"
+    assert make(advantage_estimator="rloo", scale_rewards=False).loss_config.scale_rewards == "none"
+    with pytest.raises(ValueError, match="RLOO advantages are not scaled"):
+        make(advantage_estimator="rloo", scale_rewards=True)

@@ -6,10 +6,18 @@ the caller decides how to reduce and can reweight, mask or log per example.
 
 Notation used throughout (all ``[B]``):
 
-* ``logratio_c = log π(y_w|x) − log π_ref(y_w|x)`` and ``logratio_r`` likewise for ``y_l``;
-* ``h = logratio_c − logratio_r`` (the DPO margin under the reverse-KL constraint; the f-DPO
-  generalisation replaces it, see :func:`_margin`);
+* ``logratio_c = log π(y_w|x) − log π_ref(y_w|x)`` and ``logratio_r`` likewise for ``y_l``, from
+  log-probs *summed* over the completion tokens (or LD-DPO's weighted sums);
+* ``ψ(ℓ) = f'(e^ℓ) − f'(1)``, the f-DPO score of a log-ratio (``ψ(ℓ) = ℓ`` under the reverse KL of
+  plain DPO, see :func:`_score`), and ``h = ψ(logratio_c) − ψ(logratio_r)`` the margin;
+* for the length-normalised losses (``ipo``, ``sigmoid_norm``) every quantity is divided by the
+  number of tokens of its own completion, ``|y_w|`` or ``|y_l|``, so ``h = ψ(ℓ_c)/|y_w| − ψ(ℓ_r)/|y_l|``;
 * ``β`` the strength of the KL constraint, ``ε`` the label-smoothing (flip) probability.
+
+Each loss type is one small function declared once in :data:`DPO_LOSSES` with its properties (which
+log-probs it is defined on, whether it takes ε, a reference-free form, an f-divergence); the
+configuration is validated from those declarations. :data:`DPO_LOSS_ALIASES` holds the other
+spellings accepted for the same losses.
 
 References (one per loss type, cited again next to each formula):
     Rafailov et al. 2023, "Direct Preference Optimization" (``sigmoid``, eq. 7).
@@ -18,23 +26,24 @@ References (one per loss type, cited again next to each formula):
     Preference Optimization" (``hinge``).
     Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
     Preferences" (``ipo``, eq. 17).
-    Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment" (``exo_pair``).
+    Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment" (``exo_pair``,
+    eq. 16).
     Chen et al. 2024, "Noise Contrastive Alignment of Language Models with Explicit Rewards" (``nca_pair``).
     Chowdhury et al. 2024, "Provably Robust DPO" (``robust``).
     Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment" (``bco_pair``).
     Wu et al. 2024, "Self-Play Preference Optimization for Language Model Alignment" (``sppo_hard``).
     Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport"
-    (``aot``, ``aot_pair``).
+    (``aot``, ``aot_unpaired``).
     D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive Revisions"
-    (``apo_zero``, ``apo_down``).
+    (``apo_zero``, eq. 7; ``apo_down``, eq. 8).
     Lu et al. 2024, "Discovering Preference Optimization Algorithms with and for Large Language
-    Models" (``discopop``, the LRML objective).
+    Models" (``discopop``, the LRML objective, eq. 5).
     Wang et al. 2024, "Enhancing the Reasoning Ability of Multimodal Large Language Models via
     Mixed Preference Optimization" (``sft`` and weighted combinations of loss types).
     Wang et al. 2023, "Beyond Reverse KL: Generalizing Direct Preference Optimization with
-    Diverse Divergence Constraints" (f-DPO).
+    Diverse Divergence Constraints" (f-DPO, Table 1).
     Pang et al. 2024, "Iterative Reasoning Preference Optimization" (``rpo_alpha``).
-    Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization" (:func:`wpo_weights`).
+    Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization" (:func:`wpo_weights`, eq. 2).
     Liu et al. 2024, "Length Desensitization in Preference Optimization" (:func:`ld_sequence_logps`).
 """
 
@@ -51,50 +60,7 @@ from torch import Tensor
 
 from lit_pref.ops import masked_mean, masked_sum
 
-DPO_LOSS_TYPES: tuple[str, ...] = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_pair",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sft",
-)
-
 F_DIVERGENCES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-
-# Losses that only ever compare the chosen and the rejected log-ratio (a margin, or sorted margins).
-# Dropping the reference shifts each log-ratio by log π_ref, and a margin loss then becomes the known
-# reference-free variant (the policy margin against zero). The excluded losses put an absolute target
-# or threshold on a single log-ratio — NCA's σ(β·logratio_c), BCO's classifier (whose equivalence to
-# the KL-regularised optimum, Jung et al. 2024, is stated for the reference ratio), SPPO's ±1/2
-# regression targets on log π/π_t, APO's anchors — and without a reference that target would be put on
-# the raw sequence log-likelihood, which is a different (length-dominated) objective.
-REFERENCE_FREE_COMPATIBLE: frozenset[str] = frozenset(
-    {"sigmoid", "hinge", "ipo", "exo_pair", "robust", "aot", "aot_pair", "discopop", "sft"}
-)
-
-# Losses whose formula has an ε (label flip probability); the others would silently ignore it.
-_LABEL_SMOOTHING_LOSSES: frozenset[str] = frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_pair"})
-
-# Losses that see the log-ratios only through the margin h, so f-DPO's margin f'(u_c) − f'(u_r) can
-# replace it. f' is only identified up to an additive constant (reverse KL's f'(u) = log u + 1, and the
-# partition function in Wang et al. 2023's reward), which cancels in a margin but not in the
-# single-log-ratio targets of nca_pair/bco_pair/sppo_hard/apo_*; the aot losses sort log-ratios rather
-# than form a margin per example. ``sft`` has no reward at all and is allowed alongside.
-_F_DIVERGENCE_LOSSES: frozenset[str] = frozenset(
-    {"sigmoid", "hinge", "ipo", "exo_pair", "robust", "discopop"}
-)
-
-# Losses whose entries are per-quantile (sorted across the batch), not per-example.
-_SORTED_LOSSES: frozenset[str] = frozenset({"aot", "aot_pair"})
 
 # EXO needs ε > 0 (it appears as log ε), so hard labels are approximated by a small flip rate.
 _EXO_DEFAULT_EPSILON = 1e-3
@@ -107,25 +73,32 @@ class DPOLossConfig:
     Validation happens at construction so a bad config fails before any model is loaded.
 
     Attributes:
-        loss_type: One or more names from :data:`DPO_LOSS_TYPES`; a single string is accepted and
-            normalised to a 1-tuple. Several types are combined as ``Σ_i w_i · loss_i`` (MPO).
+        loss_type: One or more names from :data:`DPO_LOSS_TYPES` or :data:`DPO_LOSS_ALIASES`
+            (normalised to the canonical names); a single string is accepted and normalised to a
+            1-tuple. Several types are combined as ``Σ_i w_i · loss_i`` (MPO).
         loss_weights: One weight per loss type; ``None`` means 1.0 each.
         beta: KL-constraint strength β (> 0).
-        label_smoothing: Label flip probability ε in ``[0, 0.5)``, used by sigmoid (cDPO), robust,
-            exo_pair and the aot losses. In a combination it applies only to those types; at least
-            one of them must be present when ε > 0.
-        reference_free: Treat the reference log-probs as 0 (only for
-            :data:`REFERENCE_FREE_COMPATIBLE` losses).
+        label_smoothing: Label flip probability ε in ``[0, 0.5)``, used by the losses declared
+            with ``label_smoothing`` in :data:`DPO_LOSSES` (sigmoid and sigmoid_norm as cDPO,
+            robust, exo_pair, the aot losses). In a combination it applies only to those types; at
+            least one of them must be present when ε > 0.
+        reference_free: Treat the reference log-probs as 0 (only for losses declared
+            ``reference_free``).
         f_divergence_type: One of :data:`F_DIVERGENCES` (f-DPO); anything but ``reverse_kl`` needs
             a reference and margin-based losses only.
-        f_alpha_divergence_coef: α of the α-divergence (> 0; α → 0 recovers reverse KL, α = 1 gives
-            forward KL up to a constant).
+        f_alpha_divergence_coef: α of the α-divergence, in Wang et al. 2023's convention
+            (``f'(u) = (1 − u^{−α})/α``: α → 0 is reverse KL, α = 1 forward KL). TRL's
+            ``f_alpha_divergence_coef`` is ``1 − α`` of this one; the two agree at the default 0.5.
         discopop_tau: Temperature τ (> 0) of DiscoPOP's mixing gate.
         rpo_alpha: If set (≥ 0), adds ``rpo_alpha · NLL(chosen)`` (RPO).
         use_weighting: Multiply each example's loss by its WPO weight (:func:`wpo_weights`).
             The weights are per example, so this cannot be combined with the sorted aot losses.
         ld_alpha: LD-DPO weight in ``[0, 1]`` for tokens beyond the public length; consumed by the
             caller through :func:`ld_sequence_logps`, not by :func:`dpo_loss`.
+        length_normalize: ``None`` (default): each loss gets the log-probs it is defined on — sums
+            for all but ``ipo`` and ``sigmoid_norm``, which divide by the completion length.
+            ``True``: every loss in the list is length-normalised; ``False``: none is (IPO then
+            regresses summed log-ratios).
     """
 
     loss_type: tuple[str, ...] = ("sigmoid",)
@@ -134,17 +107,18 @@ class DPOLossConfig:
     label_smoothing: float = 0.0
     reference_free: bool = False
     f_divergence_type: str = "reverse_kl"
-    f_alpha_divergence_coef: float = 1.0
+    f_alpha_divergence_coef: float = 0.5
     discopop_tau: float = 0.05
     rpo_alpha: float | None = None
     use_weighting: bool = False
     ld_alpha: float | None = None
+    length_normalize: bool | None = None
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalise through object.__setattr__ so configs from YAML (lists) or a
-        # bare string behave like the documented tuples.
-        loss_type = (self.loss_type,) if isinstance(self.loss_type, str) else tuple(self.loss_type)
-        object.__setattr__(self, "loss_type", loss_type)
+        # bare string behave like the documented tuples, and every alias reads as its loss.
+        names = (self.loss_type,) if isinstance(self.loss_type, str) else tuple(self.loss_type)
+        object.__setattr__(self, "loss_type", tuple(DPO_LOSS_ALIASES.get(name, name) for name in names))
         if self.loss_weights is not None:
             object.__setattr__(self, "loss_weights", tuple(float(w) for w in self.loss_weights))
         self._validate_loss_types()
@@ -156,12 +130,22 @@ class DPOLossConfig:
         """The weight of each loss type, with ``None`` expanded to 1.0 each."""
         return self.loss_weights if self.loss_weights is not None else (1.0,) * len(self.loss_type)
 
+    def normalizes(self, name: str) -> bool:
+        """Whether loss ``name`` reads length-normalised log-ratios under this configuration."""
+        return DPO_LOSSES[name].length_normalized if self.length_normalize is None else self.length_normalize
+
+    def _with(self, prop: str) -> list[str]:
+        return [name for name in self.loss_type if getattr(DPO_LOSSES[name], prop)]
+
     def _validate_loss_types(self) -> None:
         if not self.loss_type:
             raise ValueError(f"loss_type is empty; choose at least one of {DPO_LOSS_TYPES}")
         for name in self.loss_type:
-            if name not in DPO_LOSS_TYPES:
-                raise ValueError(f"unknown loss_type {name!r}; valid loss types are {DPO_LOSS_TYPES}")
+            if name not in DPO_LOSSES:
+                raise ValueError(
+                    f"unknown loss_type {name!r}; valid loss types are {DPO_LOSS_TYPES} "
+                    f"(also accepted: {sorted(DPO_LOSS_ALIASES)})"
+                )
         duplicates = sorted({name for name in self.loss_type if self.loss_type.count(name) > 1})
         if duplicates:
             raise ValueError(f"loss_type lists {duplicates} more than once; merge them into one weight")
@@ -174,6 +158,10 @@ class DPOLossConfig:
             for name, weight in zip(self.loss_type, self.loss_weights, strict=True):
                 if not math.isfinite(weight) or weight < 0:
                     raise ValueError(f"loss weight {weight} for {name!r} must be finite and >= 0")
+        if self.length_normalize is False and "sigmoid_norm" in self.loss_type:
+            raise ValueError(
+                "sigmoid_norm is the length-normalised sigmoid; drop length_normalize=False or use sigmoid"
+            )
 
     def _validate_scalars(self) -> None:
         if not (math.isfinite(self.beta) and self.beta > 0):
@@ -197,13 +185,13 @@ class DPOLossConfig:
             raise ValueError(f"ld_alpha must be None or in [0, 1], got {self.ld_alpha}")
 
     def _validate_compatibility(self) -> None:
-        if self.label_smoothing > 0 and not _LABEL_SMOOTHING_LOSSES.intersection(self.loss_type):
+        if self.label_smoothing > 0 and not self._with("label_smoothing"):
             raise ValueError(
                 f"label_smoothing={self.label_smoothing} has no effect on loss_type {self.loss_type}; "
-                f"it is used only by {sorted(_LABEL_SMOOTHING_LOSSES)} — set it to 0.0"
+                f"it is used only by {sorted(_names_with('label_smoothing'))} — set it to 0.0"
             )
         if self.reference_free:
-            needs_ref = [name for name in self.loss_type if name not in REFERENCE_FREE_COMPATIBLE]
+            needs_ref = [name for name in self.loss_type if not DPO_LOSSES[name].reference_free]
             if needs_ref:
                 raise ValueError(
                     f"loss types {needs_ref} need reference log-probs and cannot run with "
@@ -216,15 +204,15 @@ class DPOLossConfig:
                     "needs a reference model; use reverse_kl with reference_free=True"
                 )
             reward_losses = [name for name in self.loss_type if name != "sft"]
-            unsupported = [name for name in reward_losses if name not in _F_DIVERGENCE_LOSSES]
+            unsupported = [name for name in reward_losses if not DPO_LOSSES[name].f_divergence]
             if unsupported or not reward_losses:
                 raise ValueError(
                     f"f_divergence_type={self.f_divergence_type!r} is defined only for margin losses "
-                    f"{sorted(_F_DIVERGENCE_LOSSES)}; loss_type {self.loss_type} has "
+                    f"{sorted(_names_with('f_divergence'))}; loss_type {self.loss_type} has "
                     f"{unsupported or 'none of them'}"
                 )
         if self.use_weighting:
-            sorted_losses = sorted(_SORTED_LOSSES.intersection(self.loss_type))
+            sorted_losses = sorted(name for name in self.loss_type if not DPO_LOSSES[name].per_example)
             if sorted_losses:
                 raise ValueError(
                     f"use_weighting=True weights examples, but {sorted_losses} return per-quantile "
@@ -240,7 +228,9 @@ class DPOLossOutput:
         losses: ``[B]`` differentiable loss: the weighted sum over loss types, plus the RPO term,
             times the WPO weights when used. For the aot losses entry ``i`` is the ``i``-th
             quantile rather than example ``i``; the batch mean is unaffected.
-        chosen_rewards: ``[B]`` detached ``β·logratio_c`` (reference = 0 when reference-free).
+        chosen_rewards: ``[B]`` detached ``β·logratio_c`` of the log-probs as passed (summed for
+            the training module, whatever the loss types normalise; reference = 0 when
+            reference-free).
         rejected_rewards: ``[B]`` detached ``β·logratio_r``.
     """
 
@@ -250,7 +240,7 @@ class DPOLossOutput:
 
 
 class _Terms(NamedTuple):
-    """Everything a loss may read, computed once per call."""
+    """Everything a loss may read, computed once per call (and once more, length-normalised)."""
 
     policy_chosen: Tensor
     policy_rejected: Tensor
@@ -258,7 +248,7 @@ class _Terms(NamedTuple):
     ref_rejected: Tensor
     logratio_chosen: Tensor
     logratio_rejected: Tensor
-    margin: Tensor  # h, or its f-DPO generalisation
+    margin: Tensor  # h = ψ(ℓ_c) − ψ(ℓ_r), see _score
     chosen_nll: Tensor | None
 
 
@@ -271,14 +261,16 @@ def dpo_loss(
     *,
     chosen_nll: Tensor | None = None,
     weights: Tensor | None = None,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
 ) -> DPOLossOutput:
     """Per-example DPO-family loss for the loss type(s) in ``config``.
 
     ``losses = w_WPO · (Σ_i w_i · loss_i + rpo_alpha · chosen_nll)``.
 
     Args:
-        policy_chosen_logps: ``[B]`` log π(y_w|x) (summed, or length-averaged for IPO as the caller
-            sees fit — Azar et al. 2023 use averaged log-probs, which the training module handles).
+        policy_chosen_logps: ``[B]`` log π(y_w|x), summed over the completion tokens (or LD-DPO's
+            weighted sum).
         policy_rejected_logps: ``[B]`` log π(y_l|x).
         ref_chosen_logps: ``[B]`` log π_ref(y_w|x); may be ``None`` only when
             ``config.reference_free``, and is ignored (treated as 0) in that case.
@@ -287,6 +279,11 @@ def dpo_loss(
         chosen_nll: ``[B]`` mean token NLL of the chosen completion; required for ``sft`` and
             ``rpo_alpha``, otherwise ignored.
         weights: ``[B]`` WPO weights; required if and only if ``config.use_weighting``.
+        chosen_lengths: ``[B]`` number of completion tokens of y_w, by which the length-normalised
+            losses (:meth:`DPOLossConfig.normalizes`) divide the scores. ``None``: the log-probs
+            are taken as already normalised (length 1), for callers that pass length-averaged
+            log-probs themselves.
+        rejected_lengths: ``[B]`` the same for y_l; given together with ``chosen_lengths``.
 
     Returns:
         A :class:`DPOLossOutput` with ``[B]`` tensors.
@@ -303,6 +300,11 @@ def dpo_loss(
         _check_shape("weights", weights, policy_chosen_logps)
     elif weights is not None:
         raise ValueError("weights were given but use_weighting=False; set use_weighting=True to apply them")
+    if (chosen_lengths is None) != (rejected_lengths is None):
+        raise ValueError("chosen_lengths and rejected_lengths are given together or not at all")
+    if chosen_lengths is not None and rejected_lengths is not None:
+        _check_shape("chosen_lengths", chosen_lengths, policy_chosen_logps)
+        _check_shape("rejected_lengths", rejected_lengths, policy_chosen_logps)
 
     if config.reference_free or ref_chosen_logps is None or ref_rejected_logps is None:
         ref_chosen = torch.zeros_like(policy_chosen_logps)
@@ -312,22 +314,27 @@ def dpo_loss(
         # reference log-probs computed from the policy's own weights (e.g. adapters disabled) with grad.
         ref_chosen, ref_rejected = ref_chosen_logps.detach(), ref_rejected_logps.detach()
 
-    logratio_chosen = policy_chosen_logps - ref_chosen
-    logratio_rejected = policy_rejected_logps - ref_rejected
-    terms = _Terms(
-        policy_chosen=policy_chosen_logps,
-        policy_rejected=policy_rejected_logps,
-        ref_chosen=ref_chosen,
-        ref_rejected=ref_rejected,
-        logratio_chosen=logratio_chosen,
-        logratio_rejected=logratio_rejected,
-        margin=_margin(logratio_chosen, logratio_rejected, config),
-        chosen_nll=chosen_nll,
-    )
+    summed = _terms(policy_chosen_logps, policy_rejected_logps, ref_chosen, ref_rejected, chosen_nll, config)
+    normalised = summed
+    if any(config.normalizes(name) for name in config.loss_type) and chosen_lengths is not None:
+        assert rejected_lengths is not None  # checked above
+        # The same clamp as CompletionLogps.mean: an empty completion divides by 1, not 0.
+        n_c = chosen_lengths.to(policy_chosen_logps.dtype).clamp(min=1)
+        n_r = rejected_lengths.to(policy_chosen_logps.dtype).clamp(min=1)
+        normalised = _terms(
+            policy_chosen_logps,
+            policy_rejected_logps,
+            ref_chosen,
+            ref_rejected,
+            chosen_nll,
+            config,
+            (n_c, n_r),
+        )
 
     losses = torch.zeros_like(policy_chosen_logps)
     for name, weight in zip(config.loss_type, config.resolved_loss_weights, strict=True):
-        losses = losses + weight * _LOSSES[name](terms, config)
+        terms = normalised if config.normalizes(name) else summed
+        losses = losses + weight * DPO_LOSSES[name].loss(terms, config)
     if config.rpo_alpha is not None:
         assert chosen_nll is not None  # checked above
         losses = losses + config.rpo_alpha * chosen_nll
@@ -336,8 +343,51 @@ def dpo_loss(
 
     return DPOLossOutput(
         losses=losses,
-        chosen_rewards=(config.beta * logratio_chosen).detach(),
-        rejected_rewards=(config.beta * logratio_rejected).detach(),
+        chosen_rewards=(config.beta * summed.logratio_chosen).detach(),
+        rejected_rewards=(config.beta * summed.logratio_rejected).detach(),
+    )
+
+
+def _terms(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    chosen_nll: Tensor | None,
+    config: DPOLossConfig,
+    lengths: tuple[Tensor, Tensor] | None = None,
+) -> _Terms:
+    """The terms on summed log-probs, or with every per-sequence quantity divided by its length.
+
+    ψ is applied to the *sequence* log-ratio before dividing, because f-DPO's ψ is defined on the
+    sequence ratio π(y|x)/π_ref(y|x); dividing afterwards is the IPO length normalisation (Azar et
+    al. 2023's experiments use per-token averages). Under reverse KL ψ is the identity, so this is
+    the same as IPO on mean log-probs; for the other divergences neither paper defines the
+    combination, and this order (TRL's) keeps ψ on the quantity f-DPO derives it for.
+    """
+    logratio_chosen = policy_chosen - ref_chosen
+    logratio_rejected = policy_rejected - ref_rejected
+    score_chosen = _score(logratio_chosen, config)
+    score_rejected = _score(logratio_rejected, config)
+    if lengths is not None:
+        n_c, n_r = lengths
+        policy_chosen, ref_chosen, logratio_chosen = (
+            policy_chosen / n_c,
+            ref_chosen / n_c,
+            logratio_chosen / n_c,
+        )
+        policy_rejected, ref_rejected = policy_rejected / n_r, ref_rejected / n_r
+        logratio_rejected = logratio_rejected / n_r
+        score_chosen, score_rejected = score_chosen / n_c, score_rejected / n_r
+    return _Terms(
+        policy_chosen=policy_chosen,
+        policy_rejected=policy_rejected,
+        ref_chosen=ref_chosen,
+        ref_rejected=ref_rejected,
+        logratio_chosen=logratio_chosen,
+        logratio_rejected=logratio_rejected,
+        margin=score_chosen - score_rejected,
+        chosen_nll=chosen_nll,
     )
 
 
@@ -364,31 +414,34 @@ def _check_inputs(
     _check_shape("ref_rejected_logps", ref_rejected, policy_chosen)
 
 
-def _margin(logratio_chosen: Tensor, logratio_rejected: Tensor, config: DPOLossConfig) -> Tensor:
-    """Reward margin ``h = f'(u_c) − f'(u_r)`` with ``u = π/π_ref`` (Wang et al. 2023, f-DPO).
+def _score(logratio: Tensor, config: DPOLossConfig) -> Tensor:
+    """``ψ(ℓ) = f'(e^ℓ) − f'(1)``: the f-DPO reward of log-ratio ℓ over β (Wang et al. 2023, Table 1).
 
-    f-DPO's implicit reward is ``β·f'(π/π_ref)`` up to a constant that cancels in the margin. With
-    ``ℓ = log u``:
+    f-DPO's implicit reward is ``β·f'(π/π_ref)`` up to a per-prompt constant; in a margin any
+    constant cancels, but once chosen and rejected scores are divided by different lengths
+    (IPO, sigmoid_norm) it would not, so the constant is fixed by ``ψ(0) = 0`` (no reward where the
+    policy equals the reference). With ``u = e^ℓ``:
 
-    * reverse KL, ``f(u) = u log u``: ``f'(u) = log u + 1`` → ``h = ℓ_c − ℓ_r`` (plain DPO);
-    * forward KL, ``f(u) = −log u``: ``f'(u) = −1/u = −exp(−ℓ)`` → ``h = exp(−ℓ_r) − exp(−ℓ_c)``;
-    * Jensen–Shannon, ``f(u) = u log u − (u+1) log((u+1)/2)``: ``f'(u) = log(2u/(1+u))
-      = log 2 + log σ(ℓ)`` → ``h = log σ(ℓ_c) − log σ(ℓ_r)``;
+    * reverse KL, ``f(u) = u log u``: ``f'(u) = log u + 1`` → ``ψ = ℓ`` (plain DPO);
+    * forward KL, ``f(u) = −log u``: ``f'(u) = −1/u`` → ``ψ = 1 − e^{−ℓ}``;
+    * Jensen–Shannon, ``f(u) = u log u − (u+1) log((u+1)/2)``: ``f'(u) = log(2u/(1+u))``
+      → ``ψ = log 2 + log σ(ℓ)``;
     * α-divergence, ``f(u) = (u^{1−α} − (1−α)u − α)/(α(α−1))``: ``f'(u) = (1 − u^{−α})/α``
-      → ``h = (exp(−α ℓ_r) − exp(−α ℓ_c))/α``.
+      → ``ψ = (1 − e^{−αℓ})/α``. This is the paper's α (→ 0: reverse KL, 1: forward KL); TRL
+      writes ``f'(u) = (u^{α'−1} − 1)/(α'−1)``, the same function at ``α' = 1 − α``.
 
     Log-space forms avoid forming u itself, which over/underflows for sequence-level ratios.
     """
     kind = config.f_divergence_type
     if kind == "reverse_kl":
-        return logratio_chosen - logratio_rejected
+        return logratio
     if kind == "forward_kl":
-        return torch.exp(-logratio_rejected) - torch.exp(-logratio_chosen)
+        return -torch.expm1(-logratio)
     if kind == "js_divergence":
-        return F.logsigmoid(logratio_chosen) - F.logsigmoid(logratio_rejected)
+        return math.log(2.0) + F.logsigmoid(logratio)
     if kind == "alpha_divergence":
         alpha = config.f_alpha_divergence_coef
-        return (torch.exp(-alpha * logratio_rejected) - torch.exp(-alpha * logratio_chosen)) / alpha
+        return -torch.expm1(-alpha * logratio) / alpha
     raise ValueError(f"unknown f_divergence_type {kind!r}; valid types are {F_DIVERGENCES}")
 
 
@@ -399,7 +452,12 @@ def _smoothed_sigmoid(logits: Tensor, epsilon: float) -> Tensor:
 
 
 def _sigmoid_loss(t: _Terms, config: DPOLossConfig) -> Tensor:
-    """DPO (Rafailov et al. 2023, eq. 7), cDPO-smoothed: ``−(1−ε) log σ(βh) − ε log σ(−βh)``."""
+    """DPO (Rafailov et al. 2023, eq. 7), cDPO-smoothed: ``−(1−ε) log σ(βh) − ε log σ(−βh)``.
+
+    TRL 1.16 applies no ε to its sigmoid loss; cDPO (Mitchell 2023) is kept here, so for ε > 0 this
+    is ``(1−ε)·TRL(y_w, y_l) + ε·TRL(y_l, y_w)``. As ``sigmoid_norm`` the margin is the
+    length-normalised one.
+    """
     return _smoothed_sigmoid(config.beta * t.margin, config.label_smoothing)
 
 
@@ -410,20 +468,23 @@ def _hinge_loss(t: _Terms, config: DPOLossConfig) -> Tensor:
 
 
 def _ipo_loss(t: _Terms, config: DPOLossConfig) -> Tensor:
-    """IPO (Azar et al. 2023, eq. 17): ``(h − 1/(2β))²`` with τ = β.
+    """IPO (Azar et al. 2023, eq. 17): ``(h − 1/(2β))²`` with τ = β, on length-normalised h.
 
-    The paper regresses the margin of *length-averaged* log-probs; averaging is the caller's job.
+    Eq. 17 does not say how the log-likelihoods are normalised; per-token averages are the common
+    practice (TRL's, which it reports the authors confirmed), so the registry declares IPO
+    length-normalised.
     """
     return (t.margin - 1.0 / (2.0 * config.beta)).square()
 
 
 def _exo_pair_loss(t: _Terms, config: DPOLossConfig) -> Tensor:
-    """EXO, pairwise (Ji et al. 2024, the K = 2 case of the EXO objective).
+    """EXO, pairwise (Ji et al. 2024, eq. 16, the K = 2 case of the EXO objective).
 
     Reverse KL from the policy's pair distribution ``p_θ = (σ(βh), σ(−βh))`` to the smoothed
     preference distribution ``(1−ε, ε)``:
     ``σ(βh)·(log σ(βh) − log(1−ε)) + σ(−βh)·(log σ(−βh) − log ε)``.
-    ε must be > 0 (it is inside a log), so ``label_smoothing = 0`` means ε = 1e-3.
+    ε must be > 0 (it is inside a log), so ``label_smoothing = 0`` means ε = 1e-3, the paper's
+    value (TRL rejects ε = 0 instead).
     """
     epsilon = config.label_smoothing or _EXO_DEFAULT_EPSILON
     logits = config.beta * t.margin
@@ -466,6 +527,7 @@ def _bco_pair_loss(t: _Terms, config: DPOLossConfig) -> Tensor:
     δ is the reward shift; the paper tracks it as a running mean of the rewards, and a pure function
     can only use the batch: δ = mean of all chosen and rejected rewards in the batch, detached (it is
     a statistic, not something to optimise). Consequently each entry depends on the whole batch.
+    TRL 1.16 drops δ; its value equals this one's with both log-ratios lowered by δ/β.
     """
     reward_chosen = config.beta * t.logratio_chosen
     reward_rejected = config.beta * t.logratio_rejected
@@ -474,16 +536,14 @@ def _bco_pair_loss(t: _Terms, config: DPOLossConfig) -> Tensor:
 
 
 def _sppo_hard_loss(t: _Terms, config: DPOLossConfig) -> Tensor:
-    """SPPO with hard labels (Wu et al. 2024, the squared-error form of the SPPO update).
+    """SPPO with hard labels (Wu et al. 2024, Algorithm 1, the squared-error SPPO update).
 
     The paper regresses ``log(π/π_t)`` onto ``η·(P̂(y ≻ π_t) − ½)``. Hard labels give P̂ = 1 for
-    y_w and 0 for y_l; with ``η = 1/β`` and both sides multiplied by β:
-    ``(β·logratio_c − ½)² + (β·logratio_r + ½)²``. This is β² times the paper's squared error, so it
-    has the same minimiser (logratio = ±1/(2β)) and keeps the gradient scale comparable to IPO.
+    y_w and 0 for y_l; with ``η = 1/β``: ``(logratio_c − 1/(2β))² + (logratio_r + 1/(2β))²``, on
+    the paper's scale (so a weighted mix with it weighs it as the paper and TRL do).
     """
-    reward_chosen = config.beta * t.logratio_chosen
-    reward_rejected = config.beta * t.logratio_rejected
-    return (reward_chosen - 0.5).square() + (reward_rejected + 0.5).square()
+    target = 0.5 / config.beta
+    return (t.logratio_chosen - target).square() + (t.logratio_rejected + target).square()
 
 
 def _sorted_difference(a: Tensor, b: Tensor) -> Tensor:
@@ -492,24 +552,24 @@ def _sorted_difference(a: Tensor, b: Tensor) -> Tensor:
     return torch.sort(a).values - torch.sort(b).values
 
 
-def _aot_pair_loss(t: _Terms, config: DPOLossConfig) -> Tensor:
-    """AOT, paired (Melnyk et al. 2024): smoothed sigmoid loss on ``β·(sort(logratio_c) − sort(logratio_r))``.
-
-    Makes the distribution of chosen log-ratios dominate that of rejected ones across the batch.
-    """
-    delta = _sorted_difference(t.logratio_chosen, t.logratio_rejected)
-    return _smoothed_sigmoid(config.beta * delta, config.label_smoothing)
-
-
 def _aot_loss(t: _Terms, config: DPOLossConfig) -> Tensor:
-    """AOT, unpaired (Melnyk et al. 2024): smoothed sigmoid loss on
-    ``β·(sort(π_c − π_r) − sort(ref_c − ref_r))``: the policy's margins dominate the reference's."""
+    """AOT, paired (Melnyk et al. 2024): smoothed sigmoid loss on
+    ``β·(sort(π_c − π_r) − sort(ref_c − ref_r))``: over the batch, the distribution of the policy's
+    per-pair margins dominates the reference's (each margin needs its pair)."""
     delta = _sorted_difference(t.policy_chosen - t.policy_rejected, t.ref_chosen - t.ref_rejected)
     return _smoothed_sigmoid(config.beta * delta, config.label_smoothing)
 
 
+def _aot_unpaired_loss(t: _Terms, config: DPOLossConfig) -> Tensor:
+    """AOT, unpaired (Melnyk et al. 2024): smoothed sigmoid loss on
+    ``β·(sort(logratio_c) − sort(logratio_r))``: the distribution of chosen log-ratios dominates
+    that of rejected ones across the batch, whichever pair each came from."""
+    delta = _sorted_difference(t.logratio_chosen, t.logratio_rejected)
+    return _smoothed_sigmoid(config.beta * delta, config.label_smoothing)
+
+
 def _apo_zero_loss(t: _Terms, config: DPOLossConfig) -> Tensor:
-    """APO-zero (D'Oosterlinck et al. 2024): ``(1 − σ(r_w)) + σ(r_l)``, ``r = β·logratio``.
+    """APO-zero (D'Oosterlinck et al. 2024, eq. 7): ``(1 − σ(r_w)) + σ(r_l)``, ``r = β·logratio``.
 
     For pairs whose chosen answer beats the model: raise the chosen and lower the rejected
     likelihood. The paper's ``−σ(r_w) + σ(r_l)`` is shifted by 1 so the loss lies in [0, 2].
@@ -520,7 +580,7 @@ def _apo_zero_loss(t: _Terms, config: DPOLossConfig) -> Tensor:
 
 
 def _apo_down_loss(t: _Terms, config: DPOLossConfig) -> Tensor:
-    """APO-down (D'Oosterlinck et al. 2024): ``σ(r_w) + (1 − σ(r_w − r_l))``, ``r = β·logratio``.
+    """APO-down (D'Oosterlinck et al. 2024, eq. 8): ``σ(r_w) + (1 − σ(r_w − r_l))``, ``r = β·logratio``.
 
     For pairs whose chosen answer is worse than the model: lower both likelihoods, the rejected one
     more. The first term deliberately *penalises* raising the chosen likelihood.
@@ -531,7 +591,7 @@ def _apo_down_loss(t: _Terms, config: DPOLossConfig) -> Tensor:
 
 
 def _discopop_loss(t: _Terms, config: DPOLossConfig) -> Tensor:
-    """DiscoPOP / LRML (Lu et al. 2024): with ``ρ = βh`` and gate ``m = σ(ρ/τ)``,
+    """DiscoPOP / LRML (Lu et al. 2024, eq. 5): with ``ρ = βh`` and gate ``m = σ(ρ/τ)``,
     ``(1 − m)·(−log σ(ρ)) + m·exp(−ρ)`` — a log-ratio-modulated blend of DPO's logistic loss and an
     exponential loss.
 
@@ -545,28 +605,82 @@ def _discopop_loss(t: _Terms, config: DPOLossConfig) -> Tensor:
 
 
 def _sft_loss(t: _Terms, config: DPOLossConfig) -> Tensor:
-    """MPO's generation ("SFT") term (Wang et al. 2024): the chosen completion's mean token NLL."""
+    """MPO's generation ("SFT") term (Wang et al. 2024): the chosen completion's mean token NLL.
+
+    Per example, then averaged over examples by the caller; TRL 1.16 averages over all chosen
+    tokens of the batch instead, so the two differ when chosen lengths differ.
+    """
     assert t.chosen_nll is not None  # dpo_loss checks this before dispatching
     return t.chosen_nll
 
 
-_LOSSES: dict[str, Callable[[_Terms, DPOLossConfig], Tensor]] = {
-    "sigmoid": _sigmoid_loss,
-    "hinge": _hinge_loss,
-    "ipo": _ipo_loss,
-    "exo_pair": _exo_pair_loss,
-    "nca_pair": _nca_pair_loss,
-    "robust": _robust_loss,
-    "bco_pair": _bco_pair_loss,
-    "sppo_hard": _sppo_hard_loss,
-    "aot": _aot_loss,
-    "aot_pair": _aot_pair_loss,
-    "apo_zero": _apo_zero_loss,
-    "apo_down": _apo_down_loss,
-    "discopop": _discopop_loss,
-    "sft": _sft_loss,
+@dataclass(frozen=True)
+class DPOLossSpec:
+    """One loss type and the properties validation and dispatch read.
+
+    Attributes:
+        loss: the formula, ``(terms, config) → [B]``.
+        length_normalized: defined on length-normalised log-ratios (``ψ/|y|``) rather than sums.
+        label_smoothing: has an ε (label flip probability); the others would silently ignore it.
+        reference_free: meaningful without a reference. Dropping the reference shifts each
+            log-ratio by log π_ref, and a loss that only compares chosen with rejected (a margin,
+            or sorted margins) becomes the known reference-free variant. The losses without it put
+            an absolute target or threshold on a single log-ratio — NCA's σ(β·logratio_c), BCO's
+            classifier (whose equivalence to the KL-regularised optimum, Jung et al. 2024, is stated
+            for the reference ratio), SPPO's ±1/(2β) regression targets on log π/π_t, APO's anchors
+            — and without a reference that target would be put on the raw sequence
+            log-likelihood, a different (length-dominated) objective.
+        f_divergence: sees the log-ratios only through the margin h, so f-DPO's margin can replace
+            it. f′ is identified only up to a per-prompt constant (the partition function in Wang et
+            al. 2023's reward), which cancels in a margin but not in the single-log-ratio targets
+            of nca_pair / bco_pair / sppo_hard / apo_*; the aot losses sort log-ratios rather than
+            form a margin per example. ``sft`` has no reward at all and is allowed alongside.
+        per_example: entry ``i`` belongs to example ``i`` (the aot losses return sorted quantiles).
+    """
+
+    loss: Callable[[_Terms, DPOLossConfig], Tensor]
+    length_normalized: bool = False
+    label_smoothing: bool = False
+    reference_free: bool = False
+    f_divergence: bool = False
+    per_example: bool = True
+
+
+# The one table of DPO loss types (canonical names are TRL 1.16's).
+DPO_LOSSES: dict[str, DPOLossSpec] = {
+    "sigmoid": DPOLossSpec(_sigmoid_loss, label_smoothing=True, reference_free=True, f_divergence=True),
+    "hinge": DPOLossSpec(_hinge_loss, reference_free=True, f_divergence=True),
+    "ipo": DPOLossSpec(_ipo_loss, length_normalized=True, reference_free=True, f_divergence=True),
+    "exo_pair": DPOLossSpec(_exo_pair_loss, label_smoothing=True, reference_free=True, f_divergence=True),
+    "nca_pair": DPOLossSpec(_nca_pair_loss),
+    "robust": DPOLossSpec(_robust_loss, label_smoothing=True, reference_free=True, f_divergence=True),
+    "bco_pair": DPOLossSpec(_bco_pair_loss),
+    "sppo_hard": DPOLossSpec(_sppo_hard_loss),
+    "aot": DPOLossSpec(_aot_loss, label_smoothing=True, reference_free=True, per_example=False),
+    "aot_unpaired": DPOLossSpec(
+        _aot_unpaired_loss, label_smoothing=True, reference_free=True, per_example=False
+    ),
+    "apo_zero": DPOLossSpec(_apo_zero_loss),
+    "apo_down": DPOLossSpec(_apo_down_loss),
+    "discopop": DPOLossSpec(_discopop_loss, reference_free=True, f_divergence=True),
+    "sft": DPOLossSpec(_sft_loss, reference_free=True),
+    "sigmoid_norm": DPOLossSpec(
+        _sigmoid_loss, length_normalized=True, label_smoothing=True, reference_free=True, f_divergence=True
+    ),
 }
-assert set(_LOSSES) == set(DPO_LOSS_TYPES)
+
+# Other spellings of the same losses: lit_pref's earlier name for AOT's unpaired form.
+DPO_LOSS_ALIASES: dict[str, str] = {"aot_pair": "aot_unpaired"}
+assert set(DPO_LOSS_ALIASES.values()) <= set(DPO_LOSSES) and not set(DPO_LOSS_ALIASES) & set(DPO_LOSSES)
+
+DPO_LOSS_TYPES: tuple[str, ...] = tuple(DPO_LOSSES)
+
+
+def _names_with(prop: str) -> frozenset[str]:
+    return frozenset(name for name, spec in DPO_LOSSES.items() if getattr(spec, prop))
+
+
+REFERENCE_FREE_COMPATIBLE: frozenset[str] = _names_with("reference_free")
 
 
 def ld_sequence_logps(token_logps: Tensor, mask: Tensor, public_length: Tensor, alpha: float) -> Tensor:

@@ -30,6 +30,19 @@ ScaleRewards = Literal["group", "batch", "none"]
 
 LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 SCALE_REWARDS: tuple[str, ...] = get_args(ScaleRewards)
+# TRL's GRPOConfig also takes scale_rewards as a bool; these are the scalings it means.
+SCALE_REWARDS_ALIASES: dict[bool, ScaleRewards] = {True: "group", False: "none"}
+
+
+def resolve_scale_rewards(value: ScaleRewards | bool) -> ScaleRewards:
+    """``scale_rewards`` as one of :data:`SCALE_REWARDS`, with TRL's bool spellings mapped."""
+    if isinstance(value, bool):
+        return SCALE_REWARDS_ALIASES[value]
+    if value not in SCALE_REWARDS:
+        raise ValueError(
+            f"unknown scale_rewards {value!r}; expected one of {SCALE_REWARDS} (or true / false)"
+        )
+    return value
 
 
 def _grouped(rewards: Tensor, num_generations: int) -> Tensor:
@@ -64,7 +77,7 @@ class GroupAdvantages:
 
 
 def group_advantages(
-    rewards: Tensor, num_generations: int, scale_rewards: ScaleRewards = "group", eps: float = 1e-4
+    rewards: Tensor, num_generations: int, scale_rewards: ScaleRewards | bool = "group", eps: float = 1e-4
 ) -> GroupAdvantages:
     """Group-relative outcome advantages ``A_i = (r_i − mean_group(r)) / (σ + eps)``.
 
@@ -79,14 +92,13 @@ def group_advantages(
     Args:
         rewards: ``[P·G]`` scalar reward per completion, generations of a prompt adjacent.
         num_generations: G ≥ 2.
-        scale_rewards: ``"group"``, ``"batch"`` or ``"none"``.
+        scale_rewards: ``"group"``, ``"batch"`` or ``"none"`` (TRL's ``True`` / ``False``: group / none).
         eps: added to the std in the denominator so zero-spread groups stay finite.
 
     Returns:
         :class:`GroupAdvantages`; ``advantages`` are detached.
     """
-    if scale_rewards not in SCALE_REWARDS:
-        raise ValueError(f"unknown scale_rewards {scale_rewards!r}; expected one of {SCALE_REWARDS}")
+    scale_rewards = resolve_scale_rewards(scale_rewards)
     with torch.no_grad():
         grouped = _grouped(rewards.detach(), num_generations)
         group_std = grouped.std(dim=1)
@@ -218,6 +230,7 @@ def grpo_policy_loss(
     if loss_type == "grpo":
         loss = masked_mean(per_token_loss, keep, dim=-1).mean()
     elif loss_type == "dr_grpo":
+        assert max_completion_length is not None  # checked on entry
         loss = total / (logps.shape[0] * max_completion_length)
     elif loss_type == "dapo" and num_items_in_batch is not None:
         count = torch.as_tensor(num_items_in_batch, dtype=total.dtype, device=total.device)
@@ -254,8 +267,8 @@ class GRPOLossConfig:
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"unknown loss_type {self.loss_type!r}; expected one of {LOSS_TYPES}")
-        if self.scale_rewards not in SCALE_REWARDS:
-            raise ValueError(f"unknown scale_rewards {self.scale_rewards!r}; expected one of {SCALE_REWARDS}")
+        # Frozen dataclass: TRL's bool spellings become the named scaling.
+        object.__setattr__(self, "scale_rewards", resolve_scale_rewards(self.scale_rewards))
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 for a group baseline, got {self.num_generations}")
         if self.epsilon_low < 0 or self.epsilon_high < 0:

@@ -37,19 +37,21 @@ class DPO(OfflineReferenceModule):
     Args:
         beta: KL-constraint strength β.
         loss_type: one loss name or a list (MPO-style weighted combination): sigmoid, hinge, ipo,
-            exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_pair, apo_zero, apo_down,
-            discopop, sft.
+            exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired (alias aot_pair),
+            apo_zero, apo_down, discopop, sft, sigmoid_norm (TRL's names).
         loss_weights: one weight per loss type (equal weights when omitted).
         label_smoothing: label-noise rate ε of cDPO / robust DPO, in [0, 0.5).
         reference_free: compare against a uniform reference (no reference model is loaded).
         f_divergence_type: reverse_kl, forward_kl, js_divergence or alpha_divergence (f-DPO).
-        f_alpha_divergence_coef: α of the α-divergence.
+        f_alpha_divergence_coef: α of the α-divergence, f'(u) = (1 − u^−α)/α (Wang et al. 2023;
+            TRL's coefficient is 1 − α, the same at the default 0.5).
         discopop_tau: temperature of DiscoPOP's gate.
         rpo_alpha: weight of the NLL on chosen completions added to the loss (RPO).
         use_weighting: weight each pair by its WPO weight.
         ld_alpha: LD-DPO weight of the tokens of the longer completion beyond the shorter's length.
-        length_normalize: use mean instead of summed token log-probs; ``None`` means on for IPO
-            (as in Azar et al.) and off otherwise.
+        length_normalize: ``None``: each loss gets the log-probs it is defined on (length-averaged
+            for ipo and sigmoid_norm, summed for the others, also within one list); ``true``:
+            length-average for every loss; ``false``: sums for every loss.
         share_prompt: encode each prompt once for both completions (exactly the same log-probs as
             two concatenated rows; off automatically under gradient checkpointing).
         **kwargs: :class:`~lit_pref.modules.reference.OfflineReferenceModule` arguments (the
@@ -70,7 +72,7 @@ class DPO(OfflineReferenceModule):
         label_smoothing: float = 0.0,
         reference_free: bool = False,
         f_divergence_type: str = "reverse_kl",
-        f_alpha_divergence_coef: float = 1.0,
+        f_alpha_divergence_coef: float = 0.5,
         discopop_tau: float = 0.05,
         rpo_alpha: float | None = None,
         use_weighting: bool = False,
@@ -92,16 +94,17 @@ class DPO(OfflineReferenceModule):
             rpo_alpha=rpo_alpha,
             use_weighting=use_weighting,
             ld_alpha=ld_alpha,
+            length_normalize=length_normalize,
         )
         super().__init__(reference_free=reference_free, **kwargs)
         self.loss_config = loss_config
         self.stuck_loss = untrained_loss(loss_config)
-        self.length_normalize = "ipo" in self.loss_config.loss_type if length_normalize is None else length_normalize
         self.share_prompt = share_prompt
 
     # ------------------------------------------------------------ sequence logps
     def pair_logps(self, logps: CompletionLogps) -> tuple[Tensor, Tensor]:
-        """Per-pair (chosen, rejected) sequence log-probs as the loss configuration wants them."""
+        """Per-pair (chosen, rejected) summed sequence log-probs (LD-DPO's weighted sums with
+        ``ld_alpha``); the losses that are length-normalised divide them by the lengths."""
         chosen, rejected = logps.pairs()
         if self.loss_config.ld_alpha is not None:
             public = torch.minimum(chosen.count, rejected.count)
@@ -110,12 +113,11 @@ class DPO(OfflineReferenceModule):
                 ld_sequence_logps(chosen.token_logps, chosen.mask, public, alpha),
                 ld_sequence_logps(rejected.token_logps, rejected.mask, public, alpha),
             )
-        if self.length_normalize:
-            return chosen.mean, rejected.mean
         return chosen.sum, rejected.sum
 
     def cache_options(self) -> str:
-        return f"{self.length_normalize}|{self.loss_config.ld_alpha}"
+        # "sums": cached reference values are sums since length normalisation moved into the loss.
+        return f"sums|{self.loss_config.ld_alpha}"
 
     def reference_values(self, batch: PairedBatch) -> Tensor:
         """``[B, 2]`` reference (chosen, rejected) sequence log-probs."""
@@ -143,6 +145,7 @@ class DPO(OfflineReferenceModule):
         out = dpo_loss(
             chosen_logps, rejected_logps, ref_chosen, ref_rejected, self.loss_config,
             chosen_nll=-chosen.mean, weights=weights,
+            chosen_lengths=chosen.count, rejected_lengths=rejected.count,
         )  # fmt: skip
         metrics = reward_metrics(out.chosen_rewards, out.rejected_rewards, chosen.sum, rejected.sum)
         metrics |= {"loss": out.losses, "logits/chosen": chosen.mean_logits, "logits/rejected": rejected.mean_logits}
@@ -160,8 +163,8 @@ class DPOStep:
 
     Attributes:
         losses: ``[B]`` per-pair loss of the configured loss type(s).
-        chosen_logps, rejected_logps: ``[B]`` the policy's sequence log-probs as the loss reads
-            them (summed, length-normalised or LD-DPO).
+        chosen_logps, rejected_logps: ``[B]`` the policy's summed sequence log-probs (LD-DPO's
+            weighted sums with ``ld_alpha``), as the loss reads them.
         ref_chosen, ref_rejected: ``[B]`` the same under the reference (``None`` reference-free).
         metrics: the standard per-pair metrics (``loss``, ``rewards/*``, ``logps/*``, ``logits/*``).
     """

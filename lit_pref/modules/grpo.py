@@ -16,6 +16,7 @@ from lit_pref.losses.grpo import (
     ScaleRewards,
     group_advantages,
     grpo_policy_loss,
+    resolve_scale_rewards,
     rloo_advantages,
 )
 from lit_pref.modules.online import OnlineRLModule
@@ -91,7 +92,8 @@ class GRPO(OnlineRLModule["GRPOTensors"]):
         num_generations: completions per prompt G (≥ 2).
         max_new_tokens: completion length limit (also L_max of ``dr_grpo``).
         advantage_estimator: ``grpo`` (group-normalised) or ``rloo`` (leave-one-out).
-        scale_rewards: ``group``, ``batch`` or ``none``; default ``group`` for GRPO. RLOO
+        scale_rewards: ``group``, ``batch`` or ``none`` (TRL's ``true`` / ``false`` are
+            ``group`` / ``none``); default ``group`` for GRPO. RLOO
             advantages are not scaled (only ``none`` is accepted).
         loss_type: ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo`` (see
             :func:`lit_pref.losses.grpo.grpo_policy_loss`).
@@ -113,7 +115,7 @@ class GRPO(OnlineRLModule["GRPOTensors"]):
         num_generations: int = 8,
         max_new_tokens: int = 256,
         advantage_estimator: AdvantageEstimator = "grpo",
-        scale_rewards: ScaleRewards | None = None,
+        scale_rewards: ScaleRewards | bool | None = None,
         loss_type: LossType = "grpo",
         epsilon: float = 0.2,
         epsilon_high: float | None = None,
@@ -124,7 +126,8 @@ class GRPO(OnlineRLModule["GRPOTensors"]):
     ) -> None:
         if advantage_estimator not in ("grpo", "rloo"):
             raise ValueError(f"advantage_estimator must be grpo or rloo, got {advantage_estimator!r}")
-        if advantage_estimator == "rloo" and scale_rewards not in (None, "none"):
+        scale = None if scale_rewards is None else resolve_scale_rewards(scale_rewards)
+        if advantage_estimator == "rloo" and scale not in (None, "none"):
             raise ValueError("RLOO advantages are not scaled; drop scale_rewards or set it to none")
         if beta == 0 and kwargs.get("reference", "auto") not in ("auto", "none"):
             raise ValueError(
@@ -138,9 +141,7 @@ class GRPO(OnlineRLModule["GRPOTensors"]):
             epsilon_low=epsilon,
             epsilon_high=epsilon if epsilon_high is None else epsilon_high,
             beta=beta,
-            scale_rewards=("none" if advantage_estimator == "rloo" else "group")
-            if scale_rewards is None
-            else scale_rewards,
+            scale_rewards=("none" if advantage_estimator == "rloo" else "group") if scale is None else scale,
             max_completion_length=max_new_tokens,
         )
         super().__init__(max_new_tokens=max_new_tokens, reference_free=beta == 0, **kwargs)

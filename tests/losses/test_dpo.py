@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from lit_pref.losses.dpo import (
+    DPO_LOSS_ALIASES,
     DPO_LOSS_TYPES,
     F_DIVERGENCES,
     REFERENCE_FREE_COMPATIBLE,
@@ -153,23 +154,27 @@ def test_bco_pair_closed_form():
 
 
 def test_sppo_hard_closed_form():
-    """SPPO hard labels (Wu et al. 2024): (r_c − ½)² + (r_r + ½)² =
-    ((0.1−0.5)² + (−0.2+0.5)², (−0.25−0.5)² + (0.2+0.5)²) = (0.16 + 0.09, 0.5625 + 0.49) = (0.25, 1.0525)."""
-    _assert_close(_run(DPOLossConfig(loss_type="sppo_hard", beta=BETA)).losses, [0.25, 1.0525])
+    """SPPO hard labels (Wu et al. 2024, η = 1/β), on the paper's scale: (ℓ_c − 1/(2β))² + (ℓ_r + 1/(2β))²
+    with 1/(2β) = 1: ((0.2−1)² + (−0.4+1)², (−0.5−1)² + (0.4+1)²) = (0.64 + 0.36, 2.25 + 1.96) = (1.0, 4.21).
+    (Re-derived when the scale changed from β²× this, whose values were (0.25, 1.0525) = β²·(1.0, 4.21).)"""
+    _assert_close(_run(DPOLossConfig(loss_type="sppo_hard", beta=BETA)).losses, [1.0, 4.21])
 
 
 @pytest.mark.parametrize("epsilon", [0.0, 0.1])
-def test_aot_pair_closed_form(epsilon):
-    """AOT paired (Melnyk et al. 2024): sort(ℓ_c) = (−0.5, 0.2), sort(ℓ_r) = (−0.4, 0.4),
-    Δ = (−0.1, −0.2), βΔ = (−0.05, −0.1); loss = −(1−ε) log σ(βΔ) − ε log σ(−βΔ).
+@pytest.mark.parametrize("name", ["aot_unpaired", "aot_pair"])
+def test_aot_unpaired_closed_form(epsilon, name):
+    """AOT unpaired (Melnyk et al. 2024; ``aot_pair`` is lit_pref's earlier name): sort(ℓ_c) = (−0.5, 0.2),
+    sort(ℓ_r) = (−0.4, 0.4), Δ = (−0.1, −0.2), βΔ = (−0.05, −0.1); loss = −(1−ε) log σ(βΔ) − ε log σ(−βΔ).
     (Unsorted, βh would be (0.3, −0.45), so this checks that sorting happens.)"""
-    out = _run(DPOLossConfig(loss_type="aot_pair", beta=BETA, label_smoothing=epsilon))
+    config = DPOLossConfig(loss_type=name, beta=BETA, label_smoothing=epsilon)
+    assert config.loss_type == ("aot_unpaired",)
+    out = _run(config)
     _assert_close(out.losses, [-(1 - epsilon) * _logsig(x) - epsilon * _logsig(-x) for x in (-0.05, -0.1)])
 
 
 @pytest.mark.parametrize("epsilon", [0.0, 0.1])
 def test_aot_closed_form(epsilon):
-    """AOT unpaired (Melnyk et al. 2024): policy margins π_c − π_r = (0.5, −0.5) → sorted (−0.5, 0.5);
+    """AOT paired (Melnyk et al. 2024): policy margins π_c − π_r = (0.5, −0.5) → sorted (−0.5, 0.5);
     reference margins ref_c − ref_r = (−0.1, 0.4) → sorted (−0.1, 0.4); Δ = (−0.4, 0.1), βΔ = (−0.2, 0.05)."""
     out = _run(DPOLossConfig(loss_type="aot", beta=BETA, label_smoothing=epsilon))
     _assert_close(out.losses, [-(1 - epsilon) * _logsig(x) - epsilon * _logsig(-x) for x in (-0.2, 0.05)])
@@ -212,10 +217,116 @@ def test_sft_closed_form():
 
 def test_every_loss_type_has_a_closed_form_test():
     covered = {
-        "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
-        "sppo_hard", "aot", "aot_pair", "apo_zero", "apo_down", "discopop", "sft",
+        "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+        "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
     }  # fmt: skip
     assert covered == set(DPO_LOSS_TYPES)
+    assert DPO_LOSS_ALIASES == {"aot_pair": "aot_unpaired"}
+
+
+# --------------------------------------------------------------------------- length normalisation
+
+# Completion lengths for the fixture: |y_w| = (2, 4), |y_l| = (1, 5). Length-normalised margins
+# h̄ = ℓ_c/|y_w| − ℓ_r/|y_l| = (0.2/2 + 0.4/1, −0.5/4 − 0.4/5) = (0.5, −0.205).
+N_C = (2, 4)
+N_R = (1, 5)
+H_NORM = (0.5, -0.205)
+
+
+def _run_lengths(config: DPOLossConfig) -> DPOLossOutput:
+    return dpo_loss(
+        _t(PI_C), _t(PI_R), _t(REF_C), _t(REF_R), config, chosen_nll=_t(NLL),
+        chosen_lengths=torch.tensor(N_C), rejected_lengths=torch.tensor(N_R),
+    )  # fmt: skip
+
+
+def test_length_fixture_is_consistent():
+    for i in range(2):
+        assert math.isclose(LR_C[i] / N_C[i] - LR_R[i] / N_R[i], H_NORM[i], abs_tol=1e-12)
+
+
+def test_ipo_divides_each_log_ratio_by_its_own_length():
+    """IPO (Azar et al. 2023, eq. 17) on length-normalised log-ratios: (h̄ − 1)² = (0.25, 1.452025);
+    the rewards stay β·(summed log-ratios)."""
+    out = _run_lengths(DPOLossConfig(loss_type="ipo", beta=BETA))
+    _assert_close(out.losses, [(h - 1.0) ** 2 for h in H_NORM])
+    _assert_close(out.losses, [0.25, 1.452025])
+    _assert_close(out.chosen_rewards, R_C)
+    _assert_close(out.rejected_rewards, R_R)
+
+
+def test_sigmoid_norm_closed_form():
+    """sigmoid_norm: −log σ(β·h̄) = (−log σ(0.25), −log σ(−0.1025)); with ε = 0.1 cDPO-smoothed like sigmoid."""
+    out = _run_lengths(DPOLossConfig(loss_type="sigmoid_norm", beta=BETA))
+    _assert_close(out.losses, [-_logsig(BETA * h) for h in H_NORM])
+    smoothed = _run_lengths(DPOLossConfig(loss_type="sigmoid_norm", beta=BETA, label_smoothing=0.1))
+    _assert_close(smoothed.losses, [-0.9 * _logsig(BETA * h) - 0.1 * _logsig(-BETA * h) for h in H_NORM])
+
+
+def test_a_list_gives_each_loss_its_own_log_probs():
+    """[sigmoid, ipo] with weights (0.7, 0.3): sigmoid on summed log-ratios (βh = (0.3, −0.45)), IPO on
+    length-normalised ones (h̄), as each paper defines them."""
+    config = DPOLossConfig(loss_type=("sigmoid", "ipo"), loss_weights=(0.7, 0.3), beta=BETA)
+    out = _run_lengths(config)
+    expected = [0.7 * -_logsig(z) + 0.3 * (h - 1.0) ** 2 for z, h in zip(Z, H_NORM, strict=True)]
+    _assert_close(out.losses, expected)
+
+
+@pytest.mark.parametrize(
+    ("length_normalize", "margins"), [(True, H_NORM), (False, H)], ids=["all-normalised", "all-summed"]
+)
+def test_length_normalize_overrides_every_loss(length_normalize, margins):
+    """length_normalize=True: sigmoid on h̄ too; False: IPO on summed h."""
+    config = DPOLossConfig(loss_type=("sigmoid", "ipo"), beta=BETA, length_normalize=length_normalize)
+    out = _run_lengths(config)
+    _assert_close(out.losses, [-_logsig(BETA * h) + (h - 1.0) ** 2 for h in margins])
+
+
+def test_without_lengths_log_probs_are_taken_as_given():
+    """No lengths: the caller's log-probs are used as they are (length 1), e.g. pre-averaged ones."""
+    normalised = _run(DPOLossConfig(loss_type="sigmoid_norm", beta=BETA)).losses
+    _assert_close(normalised, [-_logsig(z) for z in Z])
+
+
+def test_ld_sums_are_divided_by_the_full_length():
+    """IPO with LD-DPO: the caller passes LD-weighted sums and the full completion lengths; the loss
+    divides the LD log-ratios by those lengths (so ld_alpha = 1 is plain IPO)."""
+    logps = _t([[-1.0, -2.0, -3.0], [-0.5, -1.0, -1.5]])  # row 0: chosen, row 1: rejected
+    ref = _t([[-1.5, -2.5, -2.0], [-0.5, -0.5, -0.5]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    public = torch.tensor([2, 2])
+    ld = ld_sequence_logps(logps, mask, public, 0.5)  # (−1 − 2 − 1.5, −0.5 − 1) = (−4.5, −1.5)
+    ld_ref = ld_sequence_logps(ref, mask, public, 0.5)  # (−1.5 − 2.5 − 1, −1) = (−5, −1)
+    _assert_close(ld, [-4.5, -1.5])
+    _assert_close(ld_ref, [-5.0, -1.0])
+    out = dpo_loss(
+        ld[:1], ld[1:], ld_ref[:1], ld_ref[1:], DPOLossConfig(loss_type="ipo", beta=BETA),
+        chosen_lengths=torch.tensor([3]), rejected_lengths=torch.tensor([2]),
+    )  # fmt: skip
+    # h̄ = (−4.5 + 5)/3 − (−1.5 + 1)/2 = 1/6 + 1/4 = 5/12
+    _assert_close(out.losses, [(5.0 / 12.0 - 1.0) ** 2])
+
+
+@pytest.mark.parametrize(
+    ("kind", "psi"),
+    [
+        ("forward_kl", lambda x: 1.0 - math.exp(-x)),
+        ("js_divergence", lambda x: math.log(2.0) + _logsig(x)),
+        ("alpha_divergence", lambda x: (1.0 - math.exp(-0.5 * x)) / 0.5),
+    ],
+)
+def test_length_normalised_f_divergence_divides_the_score(kind, psi):
+    """IPO under an f-divergence: h̄ = ψ(ℓ_c)/|y_w| − ψ(ℓ_r)/|y_l| with ψ(ℓ) = f'(e^ℓ) − f'(1) on the
+    *summed* log-ratio (Wang et al. 2023's ratio is of sequence probabilities), the choice documented
+    in :func:`lit_pref.losses.dpo._terms`. The constant f'(1) matters here because the lengths differ."""
+    config = DPOLossConfig(loss_type="ipo", beta=BETA, f_divergence_type=kind)
+    margins = [psi(LR_C[i]) / N_C[i] - psi(LR_R[i]) / N_R[i] for i in range(2)]
+    _assert_close(_run_lengths(config).losses, [(m - 1.0) ** 2 for m in margins])
+
+
+def test_alpha_divergence_default_is_the_symmetric_point():
+    """The default α = 0.5 is where Wang et al. 2023's α and TRL's 1 − α coincide."""
+    assert DPOLossConfig().f_alpha_divergence_coef == 0.5
 
 
 # --------------------------------------------------------------------------- f-divergences
@@ -489,8 +600,9 @@ def test_label_smoothing_invalid_range(value):
         ({"ld_alpha": -0.1}, r"ld_alpha must be None or in \[0, 1\], got -0.1"),
         (
             {"loss_type": ("sigmoid", "aot_pair"), "use_weighting": True},
-            r"\['aot_pair'\] return per-quantile",
+            r"\['aot_unpaired'\] return per-quantile",
         ),
+        ({"loss_type": "sigmoid_norm", "length_normalize": False}, r"sigmoid_norm is the length-normalised"),
     ],
 )
 def test_invalid_config_raises(kwargs, match):

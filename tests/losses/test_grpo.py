@@ -71,6 +71,15 @@ def test_group_advantages_validation():
         group_advantages(t(REWARDS), 1, "group")
 
 
+@pytest.mark.parametrize(("alias", "name"), [(True, "group"), (False, "none")])
+def test_scale_rewards_accepts_trls_bools(alias, name):
+    """TRL's GRPOConfig takes scale_rewards=True / False for group / no scaling."""
+    torch.testing.assert_close(
+        group_advantages(t(REWARDS), 3, alias).advantages, group_advantages(t(REWARDS), 3, name).advantages
+    )
+    assert GRPOLossConfig(scale_rewards=alias).scale_rewards == name  # type: ignore[arg-type]
+
+
 # --- RLOO --------------------------------------------------------------------------------------
 
 
