@@ -15,6 +15,7 @@ import datasets
 import datasets.config
 import huggingface_hub.constants
 import pytest
+from data_helpers import make
 from datasets import Dataset
 
 import lit_pref.data.sources as sources
@@ -56,14 +57,6 @@ def write_jsonl(rows, path: Path, opener=open) -> Path:
     with opener(path, "wt") as f:
         f.write("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
-
-
-def make(source, tokenizer, target="paired", **kwargs):
-    kwargs.setdefault("val_split", None)
-    kwargs.setdefault("batch_size", 4)
-    dm = PreferenceDataModule(source, tokenizer_name_or_path=tokenizer, target=target, **kwargs)
-    dm.setup("fit")
-    return dm
 
 
 TOKEN_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")

@@ -13,6 +13,7 @@ import datasets.config
 import huggingface_hub.constants
 import pytest
 import torch
+from data_helpers import make
 from datasets import Dataset, DatasetDict
 
 import lit_pref.data.datamodule as datamodule_module
@@ -48,14 +49,6 @@ def paired_rows(n=6, seed=0):
         row["margin"] = float(i) / 2
         row["source"] = f"s{i}"
     return rows
-
-
-def make(source, tokenizer, target="paired", **kwargs):
-    kwargs.setdefault("val_split", None)
-    kwargs.setdefault("batch_size", 4)
-    dm = PreferenceDataModule(source, tokenizer_name_or_path=tokenizer, target=target, **kwargs)
-    dm.setup("fit")
-    return dm
 
 
 def expected_paired(tokenizer, rows):

@@ -32,9 +32,10 @@ from parity.trl_fakes import (
     DTYPE,
     FusedTable,
     accelerator,
+    compute_loss,
     lit_logps,
-    metrics_store,
     token_values,
+    train_step_state,
 )
 from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
 from trl.trainer.utils import add_fused_lm_head
@@ -148,13 +149,9 @@ def trl_dpo(
         use_weighting=use_weighting,
         ld_alpha=config.get("ld_alpha"),
         precompute_ref_logps=ref_sums is not None,
-        aux_loss_enabled=False,
-        _metrics=metrics_store(),
-        _total_train_tokens=0,
-        _tp_size=1,
+        **train_step_state(),
     )
-    loss = trainer._compute_loss(policy, batch, return_outputs=False)
-    return loss, {key: values[-1] for key, values in trainer._metrics["train"].items()}
+    return compute_loss(trainer, policy, batch)
 
 
 # ------------------------------------------------------------------------------------- lit_pref
@@ -473,11 +470,9 @@ def test_tiny_model_end_to_end(config, tiny_lm_dir):
         loss_types=[loss_type] if isinstance(loss_type, str) else loss_type,
         loss_weights=config.get("loss_weights") or [1.0], label_smoothing=0.0, f_divergence_type="reverse_kl",
         f_alpha_divergence_coef=0.5, use_weighting=config.get("use_weighting", False), ld_alpha=config.get("ld_alpha"),
-        precompute_ref_logps=False, aux_loss_enabled=False, _metrics=metrics_store(), _total_train_tokens=0, _tp_size=1,
+        precompute_ref_logps=False, **train_step_state(),
     )  # fmt: skip
-    trl_loss = trainer._compute_loss(
-        policy, DataCollatorForPreference(pad_token_id=0)(examples), return_outputs=False
-    )
+    trl_loss, trl_metrics = compute_loss(trainer, policy, DataCollatorForPreference(pad_token_id=0)(examples))
     close(lit_loss, trl_loss, atol=1e-5)
-    close(lit_metrics["rewards/margins"].mean(), trainer._metrics["train"]["rewards/margins"][-1], atol=1e-5)
+    close(lit_metrics["rewards/margins"].mean(), trl_metrics["rewards/margins"], atol=1e-5)
     assert math.isfinite(float(lit_loss)) and abs(float(lit_metrics["rewards/margins"].mean())) > 1e-3

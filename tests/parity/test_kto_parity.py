@@ -16,7 +16,15 @@ from typing import Any
 
 import pytest
 import torch
-from parity.trl_fakes import ATOL, FusedTable, accelerator, lit_logps, metrics_store, token_values
+from parity.trl_fakes import (
+    ATOL,
+    FusedTable,
+    accelerator,
+    compute_loss,
+    lit_logps,
+    token_values,
+    train_step_state,
+)
 from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference, KTOTrainer
 
 from lit_pref.data.collate import Collator
@@ -80,13 +88,9 @@ def trl_kto(
         beta=beta,
         desirable_weight=desirable_weight,
         undesirable_weight=undesirable_weight,
-        aux_loss_enabled=False,
-        _metrics=metrics_store(),
-        _total_train_tokens=0,
-        _tp_size=1,
+        **train_step_state(),
     )
-    loss = trainer._compute_loss(policy, batch, return_outputs=False)
-    return loss, {key: values[-1] for key, values in trainer._metrics["train"].items()}
+    return compute_loss(trainer, policy, batch)
 
 
 def lit_kto(module: KTO, data: dict[str, Any]):

@@ -46,6 +46,17 @@ def metrics_store() -> dict[str, defaultdict[str, list[float]]]:
     return {"train": defaultdict(list), "eval": defaultdict(list)}
 
 
+def train_step_state() -> dict[str, Any]:
+    """The bookkeeping attributes a TRL trainer's ``_compute_loss`` reads besides its loss settings."""
+    return {"aux_loss_enabled": False, "_metrics": metrics_store(), "_total_train_tokens": 0, "_tp_size": 1}
+
+
+def compute_loss(trainer: Any, policy: Any, batch: Any) -> tuple[Tensor, dict[str, float]]:
+    """TRL's training loss of ``batch`` and the metrics it logged for it."""
+    loss = trainer._compute_loss(policy, batch, return_outputs=False)
+    return loss, {key: values[-1] for key, values in trainer._metrics["train"].items()}
+
+
 def scatter_rows(mask: Tensor, rows: Sequence[Tensor]) -> Tensor:
     """A ``mask``-shaped tensor holding ``rows[r]`` at the set positions of row ``r``, 0 elsewhere.
 
