@@ -113,7 +113,7 @@ class GRPO(OnlineRLModule["GRPOTensors"]):
     def __init__(
         self,
         num_generations: int = 8,
-        max_new_tokens: int = 256,
+        max_new_tokens: int = 512,
         advantage_estimator: AdvantageEstimator = "grpo",
         scale_rewards: ScaleRewards | bool | None = None,
         loss_type: LossType = "grpo",
