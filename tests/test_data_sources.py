@@ -15,7 +15,7 @@ import datasets
 import datasets.config
 import huggingface_hub.constants
 import pytest
-from data_helpers import make
+from data_helpers import isolated_offline_datasets, make  # noqa: F401 (an autouse fixture)
 from datasets import Dataset
 
 import lit_pref.data.sources as sources
@@ -27,15 +27,6 @@ HH_TURN = "\n\nHuman: {question}\n\nAssistant:"
 # Where the generated HH file has an empty chosen answer (as Anthropic's harmless-base/test.jsonl.gz
 # has at four rows): with and without a trailing space after "Assistant:".
 EMPTY_CHOSEN = (3, 11, 17, 25)
-
-
-@pytest.fixture(autouse=True)
-def isolated_offline_datasets(tmp_path, monkeypatch):
-    """Dataset caches under ``tmp_path``, and no hub access whatever the environment says."""
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 def hh_rows(n: int = 40, empty_chosen: tuple[int, ...] = EMPTY_CHOSEN) -> list[dict[str, str]]:

@@ -8,12 +8,9 @@ import logging
 import os
 import warnings
 
-import datasets
-import datasets.config
-import huggingface_hub.constants
 import pytest
 import torch
-from data_helpers import make
+from data_helpers import isolated_offline_datasets, make  # noqa: F401 (an autouse fixture)
 from datasets import Dataset, DatasetDict
 
 import lit_pref.data.datamodule as datamodule_module
@@ -24,15 +21,6 @@ from lit_pref.models import load_tokenizer
 from lit_pref.tiny import build_tiny_tokenizer
 
 HH = "\n\nHuman: Write a {mood} line about {topic}.\n\nAssistant:"
-
-
-@pytest.fixture(autouse=True)
-def isolated_offline_datasets(tmp_path, monkeypatch):
-    """Dataset caches under ``tmp_path``, and no hub access whatever the environment says."""
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture
