@@ -4,9 +4,9 @@ One subprocess (``tests/dist/run_jobs.py``, relaunched by Lightning for rank 1) 
 distributed job back to back, so process start-up is paid once; the single-process baselines run
 in this process. Each job is a few optimizer steps of DPO on the tiny 2-layer model.
 
-Equivalence: per-rank batch 2 on 2 ranks ≡ batch 4 in one process. The ranks read Lightning's
-shuffling ``DistributedSampler``; the single process reads the same permutation (see
-``dist_jobs.SameOrderData``), so each step's global batch is the same 4 rows. Plain SGD
+Equivalence: per-rank batch 2 on 2 ranks ≡ batch 4 in one process. The training loader's
+``ResumableSampler`` is a ``DistributedSampler`` seeded alike in one process and on each rank,
+so each step's global batch is the same 4 rows. Plain SGD
 and gradient-norm clipping (so the norm must be global across ranks and shards), and TR-DPO
 syncing the reference after every step (so a wrong mix under sharding changes the later losses
 as well as the final reference weights).
@@ -34,6 +34,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LOSS_ATOL = 1e-5
 WEIGHT_ATOL = 1e-6
 
+RESUME = {"samples": 12, "batch": 2, "optimizer": "adamw", "lr": 5e-3, "clip": 1.0}
+RESUME_PARTS = {"straight": {"steps": 4}, "first": {"steps": 2, "checkpoint": True}, "second": {"steps": 4, "resume": "first"}}
 MAIN = {"samples": 8, "val_samples": 5, "batch": 2, "steps": 3, "ref_sync": 0.5}
 JOBS = [
     # The first job starts rank 1 (Lightning relaunches this script); the rest reuse both ranks.
@@ -56,6 +58,8 @@ JOBS = [
     {"name": "shard", "kind": "shard"},
     {"name": "grpo", "kind": "grpo"},
     {"name": "ppo", "kind": "ppo"},
+    # Resume inside an epoch (12 rows: 3 batches per rank and epoch): straight vs 2 steps + 2 resumed.
+    *[{"name": f"resume_{part}", "strategy": "ddp", "devices": 2, **RESUME, **settings} for part, settings in RESUME_PARTS.items()],
 ]  # fmt: skip
 CLI_STRATEGIES = ("ddp", "fsdp")
 
@@ -78,6 +82,9 @@ def dist_runs(tiny_lm_dir, tmp_path_factory) -> dict[str, list[dict]]:
     """Every distributed job, run once on 2 gloo processes; ``name → [rank 0 result, rank 1 result]``."""
     root = tmp_path_factory.mktemp("dist")
     jobs = [*JOBS]
+    for i, job in enumerate(jobs):
+        if job.get("resume"):  # the name of the job whose step-2 checkpoint it resumes
+            jobs[i] = job | {"resume": str(root / f"resume_{job['resume']}" / "ckpt" / "epoch=0-step=2.ckpt")}
     for strategy in CLI_STRATEGIES:
         name = f"cli_{strategy}"
         jobs.append({"name": name, "cli": cli_args(strategy, tiny_lm_dir, root / name)})
@@ -188,11 +195,26 @@ def test_metric_groups_agree_on_keys_across_ranks(dist_runs):
         assert result["second"] == {}
 
 
+def test_ddp_resume_inside_an_epoch_repeats_the_straight_run(dist_runs):
+    """2 ranks: stopped at step 2 of 3 per epoch and resumed to 4, each rank reads the same rows and
+    logs the same losses as the straight run, and the weights end equal."""
+    straight, first, second = (dist_runs[f"resume_{part}"] for part in RESUME_PARTS)
+    for rank in (0, 1):
+        assert second[rank]["global_step"] == 4
+        assert second[rank]["rows"] == straight[rank]["rows"][2:]
+        assert first[rank]["rows"] == straight[rank]["rows"][:2]
+        resumed_losses = [h["train/loss"] for h in second[rank]["history"]]
+        straight_losses = [h["train/loss"] for h in straight[rank]["history"][2:]]
+        assert resumed_losses == pytest.approx(straight_losses, abs=1e-6)
+    assert straight[0]["rows"] != straight[1]["rows"]  # each rank reads its own shard
+    assert max_diff(second[0]["policy_state"], straight[0]["policy_state"]) <= WEIGHT_ATOL
+    assert max_diff(second[0]["policy_state"], first[0]["policy_state"]) > 1e-3  # the resumed steps moved it
+
+
 def test_fsdp_precomputed_reference_matches_the_live_reference(dist_runs, tiny_lm_dir):
     """Reference log-probs precomputed in on_fit_start, after FSDP2 has sharded the policy (the
     starting policy is the ``copy`` reference), equal the unsharded single-process values."""
-    from dist_jobs import SameOrderData
-
+    from lit_pref.data.datamodule import PreferenceDataModule
     from lit_pref.modules.dpo import DPO
 
     rank0, rank1 = dist_runs["fsdp_precompute"]
@@ -200,7 +222,7 @@ def test_fsdp_precomputed_reference_matches_the_live_reference(dist_runs, tiny_l
     assert torch.equal(rank0["ref_table"], rank1["ref_table"])
     module = DPO(model_name_or_path=str(tiny_lm_dir))
     module.configure_model()
-    data = SameOrderData(
+    data = PreferenceDataModule(
         tokenizer_name_or_path=str(tiny_lm_dir),
         target="paired",
         max_train_samples=8,

@@ -30,6 +30,7 @@ from lit_pref.data.formats import (
 )
 from lit_pref.data.mismatch import add_mismatched_completions
 from lit_pref.data.packing import PackingCollator
+from lit_pref.data.sampling import count_trained_batch, resumable_loader
 from lit_pref.data.sources import check_source, looks_local, missing_path_message, offline_hint
 from lit_pref.data.tokenize import TruncationConfig, TruncationMode, tokenize_row
 from lit_pref.models import load_tokenizer
@@ -645,7 +646,20 @@ class PreferenceDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        # Resumable: a checkpoint records the loader's position, so a resumed run continues the
+        # epoch where it stopped, in the same order.
+        return resumable_loader(
+            self.splits["train"].with_format(None),
+            self.batch_size,
+            self.trainer,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+        )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training:
+            count_trained_batch(self.trainer)
+        return batch
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("val", self.eval_batch_size, shuffle=False) if "val" in self.splits else []

@@ -13,6 +13,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -117,6 +118,15 @@ class RolloutEngine(ABC):
 
     def weights_changed(self, policy: torch.nn.Module) -> None:  # noqa: B027 (a no-op by default)
         """Called after every optimizer step; an engine with its own copy of the weights reloads them here."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold for sampling to continue identically after a resume (an
+        engine with a random generator of its own returns its state); the process's global random
+        state is saved by the module. Empty by default."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 (nothing to restore by default)
+        """Restore what :meth:`state_dict` returned (called right before the first resumed step)."""
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -15,10 +15,11 @@ from typing import Any, ClassVar
 import torch
 from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lit_pref.data.sampling import global_seed
 from lit_pref.distributed import (
     full_state_dict,
     is_sharded,
@@ -38,6 +39,14 @@ from lit_pref.models import (
     load_tokenizer,
 )
 from lit_pref.ops import batch_logps
+from lit_pref.resume import (
+    CHECKPOINT_KEY,
+    restore_rank_rng,
+    rng_state,
+    rng_states_of_all_ranks,
+    seed_all,
+    set_rng_state,
+)
 from lit_pref.types import CausalLM, CompletionBatch, CompletionLogps
 
 log = logging.getLogger(__name__)
@@ -127,6 +136,11 @@ class AlignmentModule(LightningModule):
         self.train_metrics = MetricGroup("train/")
         self.val_metrics = MetricGroup("val/")
         self._last_logged_step = -1
+        # Set by the CLI: a hash of the run's configuration, saved in checkpoints so that resuming
+        # the "last" checkpoint never picks another run's.
+        self.run_identity: str | None = None
+        self._resumed_rng: list[dict[str, Any]] | None = None
+        self._training_rng: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------- networks
     def load_policy(self) -> CausalLM:
@@ -248,6 +262,34 @@ class AlignmentModule(LightningModule):
         # The first log is due once the first optimizer step of this run is taken (not after the
         # first micro-batch of an accumulation window, nor again at a resumed step).
         self._last_logged_step = self.trainer.global_step
+        if self._resumed_rng is not None:
+            # Here, after the sanity check and data setup, right before the first resumed step:
+            # the random stream continues exactly where the checkpointed run left it.
+            restore_rank_rng(self._resumed_rng, self.trainer.global_rank)
+            self._resumed_rng = None
+
+    def on_validation_start(self) -> None:
+        # Validation draws from a seed of its own (the same whenever it runs at a given step) and
+        # hands the training stream back untouched, so it cannot shift a resumed run.
+        self._training_rng = rng_state()
+        seed_all(global_seed() + self.trainer.global_step)
+
+    def on_validation_end(self) -> None:
+        if self._training_rng is not None:
+            set_rng_state(self._training_rng)
+            self._training_rng = None
+
+    # --------------------------------------------------------------- checkpoint
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add every rank's random state and the run identity (a collective: all ranks save).
+        Subclasses that save state of their own call ``super()`` first."""
+        checkpoint[CHECKPOINT_KEY] = {"rng": rng_states_of_all_ranks(), "run_identity": self.run_identity}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(CHECKPOINT_KEY, {})
+        self._resumed_rng = saved.get("rng")
+        if self._resumed_rng is None:
+            rank_zero_warn("the checkpoint holds no random state: sampling after the resume differs from a straight run")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Metrics are computed once per optimizer step, so they cover every micro-batch of the

@@ -92,9 +92,11 @@ class BCO(OfflineReferenceModule):
 
     # -------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint[CHECKPOINT_KEY] = self.reward_shift.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         if CHECKPOINT_KEY in checkpoint:
             self.reward_shift.load_state_dict(checkpoint[CHECKPOINT_KEY])
         else:

@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_pref.engines import GenerateEngine, GenerationSettings, RolloutEngine
 from lit_pref.modules.reference import ReferenceModule
+from lit_pref.resume import CHECKPOINT_KEY
 from lit_pref.rewards import RewardSet
 from lit_pref.rollout import CompletionTensors, Rollout, generate_rollout, score_rollout
 from lit_pref.types import PromptBatch
@@ -105,6 +106,7 @@ class OnlineRLModule(ReferenceModule, Generic[TensorsT]):
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.max_grad_norm = max_grad_norm
         self.rollout_engine = rollout_engine or GenerateEngine(rollout_batch_size)
+        self._resumed_engine_state: dict[str, Any] | None = None
         # The last rollout's samples, for lit_pref.callbacks.SampleTable.
         self.latest_samples: list[dict[str, Any]] = []
 
@@ -194,6 +196,21 @@ class OnlineRLModule(ReferenceModule, Generic[TensorsT]):
             else:
                 scheduler.step()
         self.rollout_engine.weights_changed(self.policy)
+
+    # ------------------------------------------------------------- checkpoint
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[CHECKPOINT_KEY]["rollout_engine"] = self.rollout_engine.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._resumed_engine_state = checkpoint.get(CHECKPOINT_KEY, {}).get("rollout_engine")
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self._resumed_engine_state is not None:
+            self.rollout_engine.load_state_dict(self._resumed_engine_state)
+            self._resumed_engine_state = None
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         """Score one completion per held-out prompt: ``val/score`` and completion statistics."""

@@ -7,14 +7,13 @@ steps on 8-10 rows of the offline toy task with the tiny 2-layer model.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
-from torch.utils.data import DataLoader, DistributedSampler
 
 from lit_pref.callbacks.ref_sync import RefModelSync
 from lit_pref.data.datamodule import PreferenceDataModule
@@ -37,29 +36,11 @@ DEFAULTS: dict[str, Any] = {
     "gc": False,
     "precision": "32-true",
     "export": False,
+    "checkpoint": False,  # a checkpoint after every step, in <root>/ckpt
+    "resume": None,  # a checkpoint path to resume from
 }
 
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
-
-
-class SameOrderData(PreferenceDataModule):
-    """Training rows in the order a distributed run reads them, in one process too.
-
-    Distributed, Lightning replaces the shuffling sampler with ``DistributedSampler(shuffle=True,
-    seed=PL_GLOBAL_SEED or 0)``: each epoch a permutation p, rank r reading p[r], p[r + W]….
-    In one process this loader reads the same p (a one-replica ``DistributedSampler``, same
-    seed, its epoch set by Lightning), so step k of batch B·W here covers exactly the rows of
-    step k of batch B on each of W ranks (when W divides the row count: no padding).
-    """
-
-    def train_dataloader(self):
-        trainer = self.trainer
-        if trainer is not None and trainer.world_size > 1:
-            return self._loader("train", self.batch_size, shuffle=True)
-        data = self.splits["train"].with_format(None)
-        seed = int(os.getenv("PL_GLOBAL_SEED", 0))
-        sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=seed)
-        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collator)
 
 
 class RecordingDPO(DPO):
@@ -87,7 +68,7 @@ def job_settings(job: dict[str, Any]) -> dict[str, Any]:
 
 def build(
     job: dict[str, Any], model_dir: str | Path, root: str | Path
-) -> tuple[Trainer, RecordingDPO, SameOrderData]:
+) -> tuple[Trainer, RecordingDPO, PreferenceDataModule]:
     """The trainer, module and data of one job (``root``: scratch directory of this job)."""
     job = job_settings(job)
     root = Path(root)
@@ -106,7 +87,7 @@ def build(
         output_dir=str(root / "export") if job["export"] else None,
         alarm_after_steps=0,
     )
-    data = SameOrderData(
+    data = PreferenceDataModule(
         tokenizer_name_or_path=str(model_dir),
         max_train_samples=job["samples"],
         max_val_samples=job["val_samples"] or None,
@@ -118,7 +99,9 @@ def build(
         strategy = DDPStrategy(process_group_backend="gloo")
     elif job["strategy"] == "fsdp":
         strategy = FSDP2Strategy()
-    callbacks = [RefModelSync(sync_steps=1, mixup_alpha=job["ref_sync"])] if job["ref_sync"] else []
+    callbacks: list[Any] = [RefModelSync(sync_steps=1, mixup_alpha=job["ref_sync"])] if job["ref_sync"] else []
+    if job["checkpoint"]:
+        callbacks.append(ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_top_k=-1))
     trainer = Trainer(
         accelerator="cpu",
         devices=job["devices"],
@@ -129,7 +112,7 @@ def build(
         limit_val_batches=1.0 if job["val_samples"] else 0,
         num_sanity_val_steps=0,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=job["checkpoint"],
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=callbacks,
@@ -145,7 +128,7 @@ def run(job: dict[str, Any], model_dir: str | Path, root: str | Path) -> dict[st
     """
     torch.manual_seed(0)
     trainer, module, data = build(job, model_dir, root)
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=job_settings(job)["resume"])
     result: dict[str, Any] = {
         "name": job.get("name"),
         "rank": trainer.global_rank,
