@@ -64,7 +64,7 @@ def test_orpo_config_learns_through_the_cli(in_project, tiny_lm_dir):
     """``configs/orpo.yaml``, shortened: the loss (and its NLL) falls, held-out
     rewards/accuracies rises, every weight moved, no reference network exists."""
     quick = [
-        "--trainer.max_steps=32",
+        "--trainer.max_steps=48",
         "--trainer.val_check_interval=1.0",  # end of each epoch
         "--data.max_train_samples=512",
         "--data.batch_size=32",
