@@ -1,6 +1,7 @@
 """``lit-pref``: the LightningCLI entry point (``lit-pref fit --config configs/dpo.yaml``).
 
-Every error the user can fix is one line on stderr (``lit-pref: error: …``) and exit code 2:
+Every error the user can fix is one line on stderr (``lit-pref: error: …``) and exit code 2
+(3 when training diverged, 143 / 130 when stopped by SIGTERM / Ctrl-C after saving a checkpoint):
 configuration errors name the argument, the value and what is allowed (with "did you mean" for
 a near miss); paths that cannot be loaded fail before anything is loaded; directories written
 at the end of training are checked before it starts. ``LIT_PREF_DEBUG=1`` raises instead, with
@@ -22,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lit_pref.callbacks.faults import TrainingDiverged, say
 from lit_pref.data.datamodule import PreferenceDataModule, file_builder
 from lit_pref.data.sources import (
     check_source,
@@ -33,6 +35,7 @@ from lit_pref.data.sources import (
     nearest_existing,
 )
 from lit_pref.modules.base import AlignmentModule
+from lit_pref.resume import checkpoint_dirs, find_last_checkpoint, run_identity
 
 # Module arguments that name a model or tokenizer to load (a local path or a hub id).
 MODEL_SOURCES = ("model_name_or_path", "tokenizer_name_or_path", "ref_model_name_or_path")
@@ -270,6 +273,20 @@ class LitPrefCLI(LightningCLI):
             if dirpath is not None:
                 check_writable(str(dirpath), f"{type(callback).__name__} dirpath")
         self.warn_single_process()
+        self.model.run_identity = run_identity(self.identity_config())
+        if self.config_init[str(self.subcommand)].get("ckpt_path") == "last":
+            try:
+                path = find_last_checkpoint(checkpoint_dirs(self.trainer), self.model.run_identity)
+            except FileNotFoundError as error:
+                raise ConfigError(str(error)) from None
+            rank_zero_info(f"resuming {path}")
+            self.config_init[str(self.subcommand)]["ckpt_path"] = str(path)
+
+    def identity_config(self) -> dict[str, Any]:
+        """What makes a run this run: the model, the data and the seed (not the trainer: a resume
+        may raise max_steps or change devices)."""
+        config = self.config[str(self.subcommand)]
+        return {key: _plain(config.get(key)) for key in ("model", "data", "seed_everything")}
 
     def warn_single_process(self) -> None:
         """Say so when a distributed strategy resolves to one process (``devices: auto`` on a CPU)."""
@@ -293,6 +310,10 @@ class LitPrefCLI(LightningCLI):
         )
 
 
+def _plain(value: Any) -> Any:
+    return value.as_dict() if hasattr(value, "as_dict") else value
+
+
 def main(args: list[str] | None = None) -> None:
     """Run the CLI; a configuration or data error is one readable line, not a traceback.
 
@@ -311,6 +332,11 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"lit-pref: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TrainingDiverged as error:
+        if os.environ.get("LIT_PREF_DEBUG"):
+            raise
+        say(f"lit-pref: error: {error}")  # every rank stops together; rank zero says why
+        raise SystemExit(3) from None
     except (ValueError, TypeError, OSError) as error:  # OSError: missing files, hub unreachable
         if os.environ.get("LIT_PREF_DEBUG"):
             raise

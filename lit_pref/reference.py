@@ -25,6 +25,11 @@ from lit_pref.models import freeze, is_adapter_dir
 from lit_pref.ops import batch_logps
 from lit_pref.types import CausalLM, CompletionBatch, CompletionLogps
 
+try:  # POSIX file locks; without them (Windows) concurrent runs still never share a temporary file
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
 ReferenceKind = Literal["auto", "copy", "model", "adapter_disabled", "adapter", "none"]
 
 # Files whose identity stands for a local model directory in the cache key.
@@ -179,6 +184,26 @@ class RefLogpCache:
             return None
         rank_zero_info(f"reusing precomputed reference log-probs from {self.path}")
         return table
+
+    @contextlib.contextmanager
+    def lock(self, is_global_zero: bool) -> Iterator[None]:
+        """Hold the cache's lock file (global rank zero only: the ranks of one run score together,
+        and a rank waiting on its own run would hang the others' collectives). Another run on the
+        same cache waits here, then finds the table written instead of computing it again."""
+        if not is_global_zero or fcntl is None:
+            yield
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                rank_zero_info(f"waiting for another run that is computing {self.path}")
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def save(self, table: torch.Tensor, is_global_zero: bool) -> None:
         if is_global_zero:

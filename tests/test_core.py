@@ -173,3 +173,33 @@ def test_grpo_takes_trls_bool_scale_rewards(tiny_lm_dir):
     assert make(advantage_estimator="rloo", scale_rewards=False).loss_config.scale_rewards == "none"
     with pytest.raises(ValueError, match="RLOO advantages are not scaled"):
         make(advantage_estimator="rloo", scale_rewards=True)
+
+
+def test_a_second_run_waits_for_the_cache_being_computed_and_reuses_it(tmp_path):
+    """Two runs on one cache: the second holds the lock only after the first has written the
+    table, so it loads it instead of computing it again."""
+    import threading
+
+    from lit_pref.reference import RefLogpCache
+
+    first_cache, second_cache = RefLogpCache(tmp_path, "key"), RefLogpCache(tmp_path, "key")
+    events: list[str] = []
+    inside = threading.Event()
+
+    def first_run() -> None:
+        with first_cache.lock(is_global_zero=True):
+            events.append("first computes")
+            inside.set()
+            threading.Event().wait(0.3)  # the work the second run must not repeat
+            first_cache.save(torch.ones(3, 2), is_global_zero=True)
+            events.append("first saved")
+
+    thread = threading.Thread(target=first_run)
+    thread.start()
+    inside.wait()
+    with second_cache.lock(is_global_zero=True):
+        events.append("second looks")
+        loaded = second_cache.load()
+    thread.join()
+    assert events == ["first computes", "first saved", "second looks"]
+    assert loaded is not None and torch.equal(loaded, torch.ones(3, 2))

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator, Sized
 from typing import Any
 
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -24,7 +25,8 @@ def global_seed() -> int:
 class ResumableSampler(DistributedSampler):
     """One rank's share of the dataset, reshuffled every epoch, that can start mid-epoch.
 
-    The epoch is counted by the sampler itself (each pass over it is the next epoch), not taken
+    The epoch is counted by the sampler itself (each pass that trained on something is followed
+    by the next epoch), not taken
     from ``set_epoch``: after a resume the trainer may number epochs differently from the
     straight run it continues, and the permutation must not depend on that. Being a
     ``DistributedSampler``, Lightning leaves it in place under DDP / FSDP instead of wrapping it.
@@ -60,7 +62,9 @@ class ResumableSampler(DistributedSampler):
         """Ignored: the sampler counts its own epochs (see the class docstring)."""
 
     def __iter__(self) -> Iterator[int]:
-        if self._passes:
+        # A pass that trained on nothing is started again, not skipped: resumed at the very end
+        # of an epoch, the trainer makes an iterator, finds the epoch done and makes another.
+        if self._passes and self.batches_trained:
             self.epoch += 1
             self.start_batch = 0
         self._passes += 1
@@ -126,7 +130,10 @@ def resumable_loader(
     sampler = ResumableSampler(
         dataset, batch_size, shuffle=shuffle, seed=global_seed(), num_replicas=world_size, rank=rank, epoch=epoch
     )
-    return ResumableLoader(dataset, sampler, **kwargs)
+    # A generator of its own: making an iterator each epoch draws a seed (for the workers), and
+    # drawing it from the global stream would shift what the model samples after a resume.
+    generator = torch.Generator().manual_seed(global_seed())
+    return ResumableLoader(dataset, sampler, generator=generator, **kwargs)
 
 
 def count_trained_batch(trainer: Any) -> None:

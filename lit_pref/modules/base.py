@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -13,12 +12,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from lightning import LightningModule
+from lightning import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lit_pref.callbacks.faults import CheckpointOnSignal, StopOnDivergence, TrainingDiverged
 from lit_pref.data.sampling import global_seed
 from lit_pref.distributed import (
     full_state_dict,
@@ -86,7 +86,8 @@ class AlignmentModule(LightningModule):
             the end of fit (``None``: not saved).
         merge_lora: merge a LoRA adapter into the weights when saving.
         alarm_after_steps: optimizer steps after which a loss still at its starting value is
-            reported (0 disables the check).
+            reported (0 disables the check). A non-finite loss or gradient stops the run (see
+            :class:`~lit_pref.callbacks.faults.StopOnDivergence`, also for loss spikes).
     """
 
     data_target: ClassVar[str] = "paired"
@@ -257,6 +258,16 @@ class AlignmentModule(LightningModule):
             config["monitor"] = "train/loss"
         return {"optimizer": optimizer, "lr_scheduler": config}
 
+    def configure_callbacks(self) -> list[Callback]:
+        """A divergence stop and a checkpoint on SIGTERM / Ctrl-C in every run, with their defaults
+        unless the trainer's callbacks already configure them."""
+        present = getattr(self._trainer, "callbacks", [])
+        return [
+            callback()
+            for callback in (StopOnDivergence, CheckpointOnSignal)
+            if not any(isinstance(c, callback) for c in present)
+        ]
+
     # ------------------------------------------------------------------ metrics
     def on_train_start(self) -> None:
         # The first log is due once the first optimizer step of this run is taken (not after the
@@ -283,7 +294,9 @@ class AlignmentModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Add every rank's random state and the run identity (a collective: all ranks save).
         Subclasses that save state of their own call ``super()`` first."""
-        checkpoint[CHECKPOINT_KEY] = {"rng": rng_states_of_all_ranks(), "run_identity": self.run_identity}
+        # Saved during validation (a preemption there), the training stream is the one set aside.
+        state = self._training_rng if self._training_rng is not None else rng_state()
+        checkpoint[CHECKPOINT_KEY] = {"rng": rng_states_of_all_ranks(state), "run_identity": self.run_identity}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(CHECKPOINT_KEY, {})
@@ -308,19 +321,13 @@ class AlignmentModule(LightningModule):
             self.log_dict(values, on_step=False, on_epoch=True, sync_dist=False, batch_size=1)
 
     def check_alarms(self, values: dict[str, Tensor]) -> None:
-        """Warn on a NaN/inf loss and on a loss still at its untrained value."""
+        """Warn on a loss still at its untrained value (non-finite losses stop the run before the
+        step: see :class:`~lit_pref.callbacks.faults.StopOnDivergence`)."""
         loss = values.get("train/loss")
-        if loss is None:
+        if loss is None or self.stuck_loss is None or not self.alarm_after_steps:
             return
         loss_value = float(loss)
-        if not math.isfinite(loss_value):
-            warnings.warn(f"train/loss is {loss_value} at step {self.trainer.global_step}", stacklevel=2)
-        elif (
-            self.stuck_loss is not None
-            and self.alarm_after_steps
-            and self.trainer.global_step == self.alarm_after_steps
-            and abs(loss_value - self.stuck_loss) < 1e-6
-        ):
+        if self.trainer.global_step == self.alarm_after_steps and abs(loss_value - self.stuck_loss) < 1e-6:
             warnings.warn(
                 f"train/loss is still {loss_value:.6f} (= its untrained value {self.stuck_loss:.6f}) after "
                 f"{self.alarm_after_steps} optimizer steps: is the reference the policy itself, or is the "
@@ -372,6 +379,7 @@ class AlignmentModule(LightningModule):
             model = self.export_model() if zero or is_sharded(self.policy) else None
             if model is None:
                 return
+            check_finite(model, self.exported_name)
             with atomic_directory(directory) as partial:
                 self.write_export(model, partial)
         rank_zero_info(f"saved the trained {self.exported_name} and tokenizer to {directory}")
@@ -380,6 +388,16 @@ class AlignmentModule(LightningModule):
         """Write what :meth:`save_pretrained` exports into ``directory`` (a subclass adds its files)."""
         model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
+
+
+def check_finite(model: torch.nn.Module, what: str) -> None:
+    """Refuse to export weights that hold NaN or inf."""
+    bad = [name for name, tensor in model.state_dict().items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise TrainingDiverged(
+            f"not exporting the {what}: {len(bad)} tensor(s) hold NaN or inf (first: {bad[0]}); "
+            "the last finite checkpoint is the one to export from"
+        )
 
 
 @contextlib.contextmanager

@@ -161,13 +161,14 @@ class OfflineReferenceModule(ReferenceModule):
             str(self.attn_implementation),
             self.cache_options(),
         )
-        # Every rank takes the same branch (a rank without the file, e.g. on another node's disk,
-        # would otherwise score alone and hang the collectives of a sharded reference).
-        loaded = cache.load() if all_ranks_agree(cache.path.is_file(), self.device) else None
-        if not all_ranks_agree(loaded is not None, self.device):
-            loaded = None  # unreadable on some rank: every rank rebuilds it
-        if loaded is None:
-            loaded = self.score_reference_table(split, cache)
+        with cache.lock(self.trainer.is_global_zero):
+            # Every rank takes the same branch (a rank without the file, e.g. on another node's disk,
+            # would otherwise score alone and hang the collectives of a sharded reference).
+            loaded = cache.load() if all_ranks_agree(cache.path.is_file(), self.device) else None
+            if not all_ranks_agree(loaded is not None, self.device):
+                loaded = None  # unreadable on some rank: every rank rebuilds it
+            if loaded is None:
+                loaded = self.score_reference_table(split, cache)
         return table.put(split, fingerprint, loaded.to(self.device))
 
     def score_reference_table(self, split: str, cache: RefLogpCache) -> Tensor:
@@ -206,7 +207,7 @@ class OfflineReferenceModule(ReferenceModule):
         if index.min() < 0 or index.unique().numel() != index.numel():
             raise ValueError(f"the {split} data's 'index' column must hold unique non-negative row ids")
         # Rows are looked up by their index column, so any order or gaps in it are fine; an index
-        # never scored reads NaN, which the NaN alarm reports.
+        # never scored reads NaN, which stops training as a non-finite loss.
         table = torch.full((int(index.max()) + 1, values.shape[1]), float("nan"))
         table[index] = values
         cache.save(table, trainer.is_global_zero)

@@ -307,23 +307,6 @@ def test_loss_stuck_at_ln2_warns(tiny_lm_dir, tmp_path):
         fit(tiny_lm_dir, tmp_path, *sgd0, steps=2, batch=2)
 
 
-def test_nan_loss_warns(tiny_lm_dir, tmp_path):
-    from lightning import Callback, Trainer
-
-    class PoisonPolicy(Callback):
-        def on_train_start(self, trainer, pl_module):
-            with torch.no_grad():
-                pl_module.policy.get_output_embeddings().weight.fill_(float("nan"))
-
-    module = DPO(model_name_or_path=str(tiny_lm_dir))
-    trainer = Trainer(
-        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, callbacks=[PoisonPolicy()], default_root_dir=tmp_path,
-    )  # fmt: skip
-    with pytest.warns(UserWarning, match="train/loss is nan"):
-        trainer.fit(module, datamodule=datamodule(tiny_lm_dir))
-
-
 # --------------------------------------------------------------- the reference
 def test_adapter_directory_reference_is_the_sft_model(adapter_dir, tiny_lm_dir, dm):
     """Starting from an SFT adapter, the reference is that adapter model, not the base."""
