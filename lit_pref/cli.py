@@ -35,7 +35,7 @@ from lit_pref.data.sources import (
     nearest_existing,
 )
 from lit_pref.modules.base import AlignmentModule
-from lit_pref.resume import checkpoint_dirs, find_last_checkpoint, run_identity
+from lit_pref.resume import checkpoint_dirs, continued_logger, find_last_checkpoint, run_identity, saved_run
 
 # Module arguments that name a model or tokenizer to load (a local path or a hub id).
 MODEL_SOURCES = ("model_name_or_path", "tokenizer_name_or_path", "ref_model_name_or_path")
@@ -281,6 +281,25 @@ class LitPrefCLI(LightningCLI):
                 raise ConfigError(str(error)) from None
             rank_zero_info(f"resuming {path}")
             self.config_init[str(self.subcommand)]["ckpt_path"] = str(path)
+        ckpt_path = self.config_init[str(self.subcommand)].get("ckpt_path")
+        if ckpt_path is not None and Path(ckpt_path).is_file():
+            self.continue_logs(saved_run(ckpt_path))
+
+    def continue_logs(self, saved: dict[str, Any]) -> None:
+        """Resumed, log into the checkpointed run's CSV log, its rows from the checkpoint's step on
+        dropped (the killed run logged them; the resumed run logs them again). Other loggers start
+        a new version."""
+        configured = self.config[str(self.subcommand)].get("trainer", {}).get("logger")
+        entries = configured if isinstance(configured, list) else [configured]
+        if not saved.get("loggers") or len(entries) != len(self.trainer.loggers):
+            return
+        loggers = list(self.trainer.loggers)
+        for i, entry in enumerate(entries):
+            cls = _import(entry.class_path) if hasattr(entry, "class_path") else None
+            if isinstance(cls, type):
+                init_args = _plain(entry.get("init_args")) or {}
+                loggers[i] = continued_logger(cls, init_args, saved["loggers"], saved["global_step"]) or loggers[i]
+        self.trainer.loggers = loggers
 
     def identity_config(self) -> dict[str, Any]:
         """What makes a run this run: the model, the data and the seed (not the trainer: a resume

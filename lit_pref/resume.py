@@ -9,16 +9,19 @@ loader itself (:mod:`lit_pref.data.sampling`).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import pickle
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 CHECKPOINT_KEY = "lit_pref"
@@ -80,15 +83,17 @@ def run_identity(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def saved_run_identity(path: Path) -> str | None:
-    """The run identity a lit_pref checkpoint was saved with (``None``: not recorded). Memory-mapped,
-    so only the few bytes read are loaded."""
+def saved_run(path: str | Path) -> dict[str, Any]:
+    """What a lit_pref checkpoint records of its run (``run_identity``, ``loggers``) and its
+    ``global_step``; empty when unreadable. Memory-mapped: only the bytes read are loaded."""
     try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except (OSError, RuntimeError, pickle.UnpicklingError, EOFError):
-        return None
-    saved = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
-    return saved.get("run_identity") if isinstance(saved, dict) else None
+        return {}
+    if not isinstance(checkpoint, dict):
+        return {}
+    saved = checkpoint.get(CHECKPOINT_KEY)
+    return {**(saved if isinstance(saved, dict) else {}), "global_step": checkpoint.get("global_step", 0)}
 
 
 def checkpoint_dirs(trainer: Any) -> list[Path]:
@@ -121,7 +126,7 @@ def find_last_checkpoint(dirs: list[Path], identity: str | None) -> Path:
             f"--ckpt_path last: there is no checkpoint to resume (looked in {where}); leave --ckpt_path out to "
             "start a fresh run"
         )
-    mine = [p for p in candidates if identity is None or saved_run_identity(p) == identity]
+    mine = [p for p in candidates if identity is None or saved_run(p).get("run_identity") == identity]
     if not mine:
         raise FileNotFoundError(
             f"--ckpt_path last: the checkpoints in {where} ({', '.join(p.name for p in candidates[:3])}) were saved "
@@ -129,3 +134,42 @@ def find_last_checkpoint(dirs: list[Path], identity: str | None) -> Path:
             "its own, or pass the file to resume with --ckpt_path PATH"
         )
     return mine[0]
+
+
+def logger_records(loggers: list[Any]) -> list[dict[str, Any]]:
+    """Where each CSV logger of a run writes (saved in checkpoints, so a resume continues there)."""
+    return [
+        {"class": type(logger).__name__, "save_dir": str(logger.save_dir), "name": logger.name, "version": logger.version}
+        for logger in loggers
+        if isinstance(logger, CSVLogger)
+    ]
+
+
+def continued_logger(cls: type, init_args: dict[str, Any], saved: list[dict[str, Any]], step: int) -> Any | None:
+    """A CSV logger built from ``init_args`` that continues the saved run's log directory without its
+    entries from step ``step`` on (which the resumed run logs again), or ``None`` when ``saved``
+    holds no log of this logger (or its version was set explicitly)."""
+    if init_args.get("version") is not None or not issubclass(cls, CSVLogger):
+        return None
+    probe = cls(**init_args)
+    match = next(
+        (s for s in saved if s["class"] == cls.__name__ and s["save_dir"] == str(probe.save_dir) and s["name"] == probe.name),
+        None,
+    )
+    if match is None:
+        return None
+    logger = cls(**{**init_args, "version": match["version"]})
+    metrics = Path(logger.log_dir) / "metrics.csv"
+    rows = []
+    if metrics.is_file():
+        with metrics.open(newline="") as f:
+            rows = [row for row in csv.DictReader(f) if row.get("step") and int(row["step"]) < step]
+    with warnings.catch_warnings():
+        # Lightning says it deletes the old file (it does); the rows before the resume are written back.
+        warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+        experiment = logger.experiment
+    for row in rows:
+        values = {k: float(v) for k, v in row.items() if k != "step" and v not in ("", None)}
+        experiment.log_metrics(values, int(row["step"]))
+    logger.save()
+    return logger

@@ -114,11 +114,13 @@ def cli_run(root: Path, model: Path, *extra: str, steps: int = 5) -> subprocess.
 
 
 def logged_losses(root: Path) -> dict[int, float]:
-    losses = {}
-    for path in sorted((root / "log").rglob("metrics.csv")):
-        with path.open() as f:
-            losses |= {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")}
-    return losses
+    """``train/loss`` per step of the run's one CSV log (a resumed run continues the killed run's)."""
+    (path,) = (root / "log").rglob("metrics.csv")
+    with path.open() as f:
+        rows = [(int(row["step"]), float(row["train/loss"])) for row in csv.DictReader(f) if row.get("train/loss")]
+    steps = [step for step, _ in rows]
+    assert len(steps) == len(set(steps)), f"steps logged twice: {steps}"
+    return dict(rows)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +138,8 @@ def straight_run(tiny_lm_dir, tmp_path_factory):
 def test_a_signal_then_ckpt_path_last_is_the_straight_run(signal_name, status, saved_step, straight_run, tiny_lm_dir, tmp_path):
     """The signal arrives as step 3 starts. SIGTERM and a first Ctrl-C finish that step, save it,
     say how to resume and exit non-zero; SIGKILL leaves the checkpoint of step 2. Resumed with
-    ``--ckpt_path last``, the run logs the straight run's losses and ends with its weights."""
+    ``--ckpt_path last``, the run logs the straight run's losses into the same log, each step once,
+    and ends with the straight run's weights."""
     signal_at = [
         "--trainer.callbacks+=fault_helpers.SignalAt",
         "--trainer.callbacks.step=2",

@@ -41,6 +41,7 @@ from lit_pref.models import (
 from lit_pref.ops import batch_logps
 from lit_pref.resume import (
     CHECKPOINT_KEY,
+    logger_records,
     restore_rank_rng,
     rng_state,
     rng_states_of_all_ranks,
@@ -296,7 +297,11 @@ class AlignmentModule(LightningModule):
         Subclasses that save state of their own call ``super()`` first."""
         # Saved during validation (a preemption there), the training stream is the one set aside.
         state = self._training_rng if self._training_rng is not None else rng_state()
-        checkpoint[CHECKPOINT_KEY] = {"rng": rng_states_of_all_ranks(state), "run_identity": self.run_identity}
+        checkpoint[CHECKPOINT_KEY] = {
+            "rng": rng_states_of_all_ranks(state),
+            "run_identity": self.run_identity,
+            "loggers": logger_records(self.trainer.loggers),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(CHECKPOINT_KEY, {})
