@@ -6,9 +6,10 @@ from lit_pref.modules.cpo import CPO
 from lit_pref.modules.dpo import DPO
 from lit_pref.modules.grpo import GRPO
 from lit_pref.modules.kto import KTO
+from lit_pref.modules.online_dpo import OnlineDPO
 from lit_pref.modules.orpo import ORPO
 from lit_pref.modules.ppo import PPO
 from lit_pref.modules.reward import RewardModel
 from lit_pref.modules.sft import SFT
 
-__all__ = ["BCO", "CPO", "DPO", "GRPO", "KTO", "ORPO", "PPO", "SFT", "AlignmentModule", "RewardModel"]
+__all__ = ["BCO", "CPO", "DPO", "GRPO", "KTO", "ORPO", "PPO", "SFT", "AlignmentModule", "OnlineDPO", "RewardModel"]
