@@ -25,11 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from rl_helpers import make_trainer, mood_sft_model
+from rl_helpers import held_out_prompts, make_trainer, mood_sft_model
 
 from lit_pref import tasks
 from lit_pref.data.datamodule import PreferenceDataModule
-from lit_pref.data.tokenize import encode_prompt
 from lit_pref.engines import GenerateEngine, GenerationSettings
 from lit_pref.ops import completion_logps
 from lit_pref.rollout import generate_rollout
@@ -43,21 +42,10 @@ ALGORITHMS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def held_out_batch(tokenizer: Any) -> dict[str, Any]:
-    prompts = [row["prompt"] for row in tasks.mood_prompts()["test"]]
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    width = max(len(e) for e in encoded)
-    return {
-        "prompt_input_ids": torch.tensor([[tokenizer.pad_token_id] * (width - len(e)) + e for e in encoded]),
-        "prompt_attention_mask": torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded]),
-        "prompt": prompts,
-    }
-
-
 @torch.no_grad()
 def evaluate(policy: Any, start: Any, tokenizer: Any, seed: int = 1234) -> tuple[float, float]:
     """(mean reward, mean sequence KL to ``start``) of 4 samples per held-out prompt."""
-    batch = held_out_batch(tokenizer)
+    batch = held_out_prompts(tokenizer)
     torch.manual_seed(seed)
     rollout = generate_rollout(GenerateEngine(), policy, batch, GenerationSettings(max_new_tokens=12), tokenizer, 4)
     rewards = tasks.mood_reward(rollout.completion_prompts(), rollout.completions)

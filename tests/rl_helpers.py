@@ -60,17 +60,22 @@ def mood_sft_model(base_dir: Path, cache: Path, steps: int = 100) -> Path:
     return cache
 
 
-@torch.no_grad()
-def mean_reward(policy, tokenizer, num_generations: int = 4, seed: int = 1234) -> float:
-    """Mean task reward of sampled completions on the 32 held-out prompts (fixed sampling seed)."""
+def held_out_prompts(tokenizer) -> dict:
+    """The task's 32 held-out prompts as a left-padded prompt batch."""
     prompts = [row["prompt"] for row in tasks.mood_prompts()["test"]]
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     width = max(len(e) for e in encoded)
-    batch = {
+    return {
         "prompt_input_ids": torch.tensor([[tokenizer.pad_token_id] * (width - len(e)) + e for e in encoded]),
         "prompt_attention_mask": torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded]),
         "prompt": prompts,
     }
+
+
+@torch.no_grad()
+def mean_reward(policy, tokenizer, num_generations: int = 4, seed: int = 1234) -> float:
+    """Mean task reward of sampled completions on the 32 held-out prompts (fixed sampling seed)."""
+    batch = held_out_prompts(tokenizer)
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     rollout = generate_rollout(
