@@ -1,13 +1,14 @@
 """Does each online algorithm learn? Held-out mood-task reward before → after, and KL to the start.
 
 Every algorithm starts from the same tiny model SFT-trained on well-scored demonstrations (as the
-PPO / GRPO tests do) and gets the shipped GRPO configuration's budget: 40 optimizer steps of 8
-prompts, the same learning rate as its shipped config, 12 new tokens. Before and after, 4 samples
+PPO / GRPO tests do) and gets the shipped GRPO configuration's budget: 40 batches of 8 prompts
+(rollouts; GSPO's 4 mini-batches and CISPO's 2 iterations take more optimizer steps each), the
+settings and learning rate of its shipped config, 12 new tokens. Before and after, 4 samples
 for each of the 32 held-out prompts are scored (fixed sampling seed); the KL is the mean over
 those samples of log π(y|x) − log π_start(y|x) (a sampled estimate of KL(π‖π_start), per
 completion). Run by hand::
 
-    python benchmarks/online_learning.py [--steps 40] [--only grpo online_dpo]
+    python benchmarks/online_learning.py [--rollouts 40] [--only grpo online_dpo]
 """
 
 from __future__ import annotations
@@ -35,11 +36,24 @@ from lit_pref.rollout import generate_rollout
 from lit_pref.tiny import save_tiny_model
 
 REWARD = "lit_pref.tasks:mood_reward"
-# name → (module class path, constructor arguments beyond the shared ones)
+# name → (module class path, arguments as in its shipped config beyond the shared ones; lr is the
+# optimizer's, steps_per_rollout the optimizer steps one batch of prompts takes)
 ALGORITHMS: dict[str, tuple[str, dict[str, Any]]] = {
     "grpo": ("lit_pref.modules.GRPO", {"num_generations": 8, "lr": 2e-3}),
+    "gspo": ("lit_pref.modules.GRPO", {
+        "num_generations": 8, "importance_sampling_level": "sequence", "epsilon": 3e-4, "epsilon_high": 4e-4,
+        "beta": 0.0, "num_mini_batches": 4, "lr": 2e-3, "steps_per_rollout": 4,
+    }),
+    "cispo": ("lit_pref.modules.GRPO", {
+        "num_generations": 8, "loss_type": "cispo", "epsilon_high": 5.0, "beta": 0.0, "num_iterations": 2,
+        "lr": 2e-3, "steps_per_rollout": 2,
+    }),
+    "reinforce_pp": ("lit_pref.modules.GRPO", {
+        "num_generations": 4, "advantage_estimator": "reinforce_plus_plus", "scale_rewards": "none",
+        "kl_in_reward": True, "loss_type": "dapo", "beta": 0.01, "lr": 2e-3,
+    }),
     "online_dpo": ("lit_pref.modules.OnlineDPO", {"num_generations": 4, "lr": 3e-4}),
-}
+}  # fmt: skip
 
 
 @torch.no_grad()
@@ -54,7 +68,7 @@ def evaluate(policy: Any, start: Any, tokenizer: Any, seed: int = 1234) -> tuple
     return sum(rewards) / len(rewards), float((policy_logps - start_logps).mean())
 
 
-def run(name: str, sft: Path, steps: int, root: Path) -> dict[str, float]:
+def run(name: str, sft: Path, rollouts: int, root: Path) -> dict[str, float]:
     import importlib
 
     class_path, settings = ALGORITHMS[name]
@@ -62,6 +76,7 @@ def run(name: str, sft: Path, steps: int, root: Path) -> dict[str, float]:
     cls = getattr(importlib.import_module(module_name), class_name)
     settings = dict(settings)
     lr = settings.pop("lr")
+    steps = rollouts * settings.pop("steps_per_rollout", 1)
     L.seed_everything(0)
     module = cls(
         model_name_or_path=str(sft), rewards=[REWARD], max_new_tokens=12,
@@ -80,7 +95,7 @@ def run(name: str, sft: Path, steps: int, root: Path) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rollouts", type=int, default=40, help="batches of 8 prompts each algorithm trains on")
     parser.add_argument("--only", nargs="*", choices=sorted(ALGORITHMS), default=sorted(ALGORITHMS))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -88,10 +103,10 @@ def main() -> None:
         root = Path(scratch)
         base = save_tiny_model(root / "tiny", tasks.corpus())
         sft = mood_sft_model(base, root / "sft")
-        print(f"| algorithm | held-out reward before → after | KL to the start | {args.steps} steps |")
+        print(f"| algorithm | held-out reward before → after | KL to the start | time ({args.rollouts} rollouts) |")
         print("|---|---|---|---|")
         for name in args.only:
-            r = run(name, sft, args.steps, root)
+            r = run(name, sft, args.rollouts, root)
             print(f"| {name} | {r['before']:.3f} → {r['after']:.3f} | {r['kl']:.3f} | {r['seconds']:.0f} s |", flush=True)
 
 

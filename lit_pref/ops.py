@@ -73,16 +73,20 @@ def _token_logps_chunk(
     with_entropy: bool,
     with_sq_norm: bool,
     with_argmax: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """Log-probs of ``targets`` for one chunk, plus detached per-token diagnostics."""
+    """Log-probs of ``targets`` for one chunk, plus per-token diagnostics (detached, except the
+    entropy with ``entropy_grad``)."""
     logits = head(hidden).float()
     if temperature != 1.0:
         logits = logits / temperature
     lse = logits.logsumexp(-1)
     logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+    # H = log Σ e^z − Σ softmax(z)·z, from the logits this chunk already holds: no second pass.
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = lse - (logits.softmax(-1) * logits).sum(-1) if with_entropy else None
     with torch.no_grad():
         mean_logits = logits.mean(-1)
-        entropy = lse - (logits.softmax(-1) * logits).sum(-1) if with_entropy else None
         sq_norm = (2 * logits).logsumexp(-1) - 2 * lse if with_sq_norm else None
         argmax = logits.argmax(-1) if with_argmax else None
     return logps, mean_logits, entropy, sq_norm, argmax
@@ -165,6 +169,7 @@ def completion_logps(
     with_entropy: bool = False,
     with_sq_norm: bool = False,
     with_argmax: bool = False,
+    entropy_grad: bool = False,
 ) -> CompletionLogps:
     """Per-token log-probs of completions given prompts: the one log-prob path of lit_pref.
 
@@ -182,9 +187,11 @@ def completion_logps(
         share_prompt: encode each prompt once and reuse its KV cache for its k completions
             (ignored when k = 1 or gradient checkpointing is on, which disables the cache).
         temperature: logits are divided by it (sampling temperature of PPO/GRPO rollouts).
-        with_entropy: also return the per-token entropy (detached).
+        with_entropy: also return the per-token entropy (detached unless ``entropy_grad``).
         with_sq_norm: also return log Σ_v π(v)² per token (detached; WPO weights).
         with_argmax: also return the most likely token at each position (token accuracy).
+        entropy_grad: keep the entropy's gradient (an entropy bonus in the loss); computed in
+            the same chunk as the log-probs, so no second pass over the LM head.
     """
     if completion_input_ids.shape[0] % prompt_input_ids.shape[0]:
         raise ValueError(
@@ -212,6 +219,7 @@ def completion_logps(
         with_entropy=with_entropy,
         with_sq_norm=with_sq_norm,
         with_argmax=with_argmax,
+        entropy_grad=entropy_grad,
     )
 
 
@@ -239,6 +247,7 @@ def hidden_logps(
     with_entropy: bool = False,
     with_sq_norm: bool = False,
     with_argmax: bool = False,
+    entropy_grad: bool = False,
 ) -> CompletionLogps:
     """The LM-head half of the log-prob path: log-probs of ``targets`` from the states predicting them.
 
@@ -251,7 +260,7 @@ def hidden_logps(
         targets: ``[B, L]`` token ids.
         mask: ``[B, L]`` tokens whose log-prob counts; the head runs on these only, ``chunk_size``
             at a time, recomputed in backward.
-        chunk_size, temperature, with_entropy, with_sq_norm, with_argmax: as in
+        chunk_size, temperature, with_entropy, with_sq_norm, with_argmax, entropy_grad: as in
             :func:`completion_logps`.
     """
     mask = mask.bool()
@@ -265,7 +274,7 @@ def hidden_logps(
     chunks = []
     for start in range(0, selected.shape[0], chunk_size):
         args = (head, selected[start : start + chunk_size], targets[start : start + chunk_size],
-                temperature, with_entropy, with_sq_norm, with_argmax)  # fmt: skip
+                temperature, with_entropy, with_sq_norm, with_argmax, entropy_grad)  # fmt: skip
         if checkpointed:
             chunks.append(checkpoint(_token_logps_chunk, *args, use_reentrant=False))
         else:

@@ -21,7 +21,7 @@ class CompletionLogps:
         token_logps: ``[Bc, L]`` log π(y_t | x, y_<t); 0 where ``mask`` is unset.
         mask: ``[Bc, L]`` bool, the completion tokens that count (the loss mask).
         mean_logits: ``[Bc]`` detached mean over vocabulary and counted tokens (a diagnostic).
-        entropy: ``[Bc, L]`` detached per-token entropy when requested, else ``None``.
+        entropy: ``[Bc, L]`` per-token entropy when requested (detached unless ``entropy_grad``), else ``None``.
         log_sq_norm: ``[Bc, L]`` detached log Σ_v π(v)² per token (WPO) when requested, else ``None``.
         argmax: ``[Bc, L]`` most likely token at each counted position when requested (token
             accuracy), else ``None``; 0 where ``mask`` is unset.

@@ -17,6 +17,8 @@ References:
     Preferences" (arXiv:2310.12036): the sampled IPO loss.
     Mitchell 2023, "A note on DPO with noisy preferences & relationship to IPO" (conservative
     DPO, i.e. label smoothing ε).
+    Gupta et al. 2025, "AlphaPO: Reward Shape Matters for LLM Alignment" (arXiv:2501.03884):
+    the α-reward ``(1 − π^{−α})/α`` in place of ``log π``.
 
 Conventions: inputs are ``[B]`` per-example sequence log-probabilities; losses are returned per
 example and never reduced; rewards are detached diagnostics.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -36,6 +39,7 @@ __all__ = [
     "SIMPO_DEFAULT_CPO_ALPHA",
     "CPOLossConfig",
     "CPOLossOutput",
+    "alpha_reward",
     "cpo_loss",
 ]
 
@@ -63,6 +67,9 @@ class CPOLossConfig:
             ``0`` turns it off.
         simpo_gamma: γ ≥ 0, SimPO's target reward margin (in reward units, i.e. after β). Used by
             ``simpo`` only.
+        alpha: AlphaPO's reward shape α (TRL's CPOConfig ``alpha``): every loss type compares
+            :func:`alpha_reward` of the log-probs instead of the log-probs themselves; ``0`` is
+            the plain log-prob reward.
 
     For ``simpo`` the defaults above are those of CPO, not of SimPO: Meng et al. recommend β ≈ 2
     and pure SimPO has no NLL term (α = 0). :meth:`for_simpo` builds that configuration
@@ -75,6 +82,7 @@ class CPOLossConfig:
     label_smoothing: float = 0.0
     cpo_alpha: float = 1.0
     simpo_gamma: float = 1.0
+    alpha: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss_type not in CPO_LOSS_TYPES:
@@ -97,6 +105,8 @@ class CPOLossConfig:
             )
         if not (math.isfinite(self.simpo_gamma) and self.simpo_gamma >= 0):
             raise ValueError(f"simpo_gamma must be a finite number >= 0, got {self.simpo_gamma!r}")
+        if not math.isfinite(self.alpha):
+            raise ValueError(f"alpha must be a finite number (0: log-prob rewards), got {self.alpha!r}")
 
     @classmethod
     def for_simpo(
@@ -123,13 +133,29 @@ class CPOLossOutput:
 
     Attributes:
         losses: ``[B]`` per-example losses (preference term + α·NLL).
-        chosen_rewards: ``[B]`` detached β·log π_θ(y_w|x) (length-normalised for SimPO).
-        rejected_rewards: ``[B]`` detached β·log π_θ(y_l|x).
+        chosen_rewards: ``[B]`` detached β·r_α(log π_θ(y_w|x)) (length-normalised for SimPO;
+            r_0 is the identity, see :func:`alpha_reward`).
+        rejected_rewards: ``[B]`` detached β·r_α(log π_θ(y_l|x)).
     """
 
     losses: Tensor
     chosen_rewards: Tensor
     rejected_rewards: Tensor
+
+
+def alpha_reward(logps: Tensor, alpha: float) -> Tensor:
+    """AlphaPO's reward of a completion from its log-prob (Gupta et al. 2025, arXiv:2501.03884).
+
+    ``r_α = (1 − p^{−α}) / α`` with ``p = exp(logps)``, written ``−expm1(−α·logps) / α`` so that
+    a long completion's tiny ``p`` never underflows to ``0^{−α}``; ``r_α → log p`` as ``α → 0``
+    (``alpha = 0`` returns ``logps``). ``dr_α / d log p = p^{−α}``: for α > 0 the reward is
+    steeper where ``p`` is small, so less likely completions weigh more in the gradient; for
+    α < 0 it is flatter there. With length-normalised log-probs (``simpo``) ``p`` is the
+    per-token geometric-mean probability, the paper's setting.
+    """
+    if alpha == 0.0:
+        return logps
+    return -torch.expm1(-alpha * logps) / alpha
 
 
 def _smoothed_bt_loss(logits: Tensor, label_smoothing: float) -> Tensor:
@@ -167,7 +193,8 @@ def cpo_loss(
 ) -> CPOLossOutput:
     """Per-example CPO / SimPO loss.
 
-    With ``h = log π_θ(y_w|x) − log π_θ(y_l|x)`` (no reference model):
+    With ``h = r_α(log π_θ(y_w|x)) − r_α(log π_θ(y_l|x))`` (no reference model; ``r_α`` is
+    :func:`alpha_reward`, the log-prob itself for α = 0):
 
     * ``sigmoid`` (Xu et al. 2024, §3, L_prefer): ``−(1−ε)·log σ(βh) − ε·log σ(−βh)``
     * ``hinge`` (Zhao et al. 2023): ``relu(1 − βh)``
@@ -207,12 +234,14 @@ def cpo_loss(
             f"chosen_nll must have shape {tuple(policy_chosen_logps.shape)}, got {tuple(chosen_nll.shape)}"
         )
 
-    losses = _preference_loss(policy_chosen_logps - policy_rejected_logps, config)
+    chosen = alpha_reward(policy_chosen_logps, config.alpha)
+    rejected = alpha_reward(policy_rejected_logps, config.alpha)
+    losses = _preference_loss(chosen - rejected, config)
     if use_nll and chosen_nll is not None:
         losses = losses + config.cpo_alpha * chosen_nll
 
     return CPOLossOutput(
         losses=losses,
-        chosen_rewards=config.beta * policy_chosen_logps.detach(),
-        rejected_rewards=config.beta * policy_rejected_logps.detach(),
+        chosen_rewards=config.beta * chosen.detach(),
+        rejected_rewards=config.beta * rejected.detach(),
     )

@@ -16,6 +16,7 @@ from lit_pref.losses.cpo import (
     SIMPO_DEFAULT_BETA,
     SIMPO_DEFAULT_CPO_ALPHA,
     CPOLossConfig,
+    alpha_reward,
     cpo_loss,
 )
 
@@ -231,8 +232,63 @@ def test_for_simpo_defaults() -> None:
         ({"loss_type": "ipo", "label_smoothing": 0.1}, r"got loss_type='ipo'"),
         ({"cpo_alpha": -1.0}, r"cpo_alpha must be a finite number >= 0 .*got -1\.0"),
         ({"simpo_gamma": -0.5}, r"simpo_gamma must be a finite number >= 0, got -0\.5"),
+        ({"alpha": float("nan")}, r"alpha must be a finite number \(0: log-prob rewards\), got nan"),
     ],
 )
 def test_cpo_config_validation(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         CPOLossConfig(**kwargs)  # type: ignore[arg-type]
+
+
+# --- AlphaPO -----------------------------------------------------------------------------------
+
+
+def alphapo(logp: float, alpha: float) -> float:
+    """(1 − p^(−α))/α with p = e^logp, the AlphaPO reward as written in the paper."""
+    return (1 - math.exp(logp) ** (-alpha)) / alpha
+
+
+@pytest.mark.parametrize("alpha", [0.5, -0.3])
+def test_alpha_reward_closed_form_and_gradient(alpha: float) -> None:
+    """r_α = (1 − p^(−α))/α; dr_α/dlog p = p^(−α). E.g. α = 0.5, log p = −2: r = 2(1 − e) = −3.4366."""
+    logps = t64(CHOSEN + REJECTED, requires_grad=True)
+    reward = alpha_reward(logps, alpha)
+    torch.testing.assert_close(
+        reward.detach(), t64([alphapo(v, alpha) for v in CHOSEN + REJECTED]), atol=TOL, rtol=0
+    )
+    (grad,) = torch.autograd.grad(reward.sum(), logps)
+    torch.testing.assert_close(grad, t64([math.exp(-alpha * v) for v in CHOSEN + REJECTED]), atol=TOL, rtol=0)
+    assert alpha_reward(t64([-2.0]), 0.5).item() == pytest.approx(2 * (1 - math.e), abs=TOL)
+
+
+def test_alpha_reward_limits() -> None:
+    """α = 0 is the log-prob itself (same tensor); α → 0 tends to it. A summed log-prob of −2000
+    has p = e^−2000, which is 0 in float64, so p^(−α) computed from p would be inf; from the
+    log-prob the reward is the finite (1 − e^200)/α."""
+    logps = t64(CHOSEN)
+    assert alpha_reward(logps, 0.0) is logps
+    torch.testing.assert_close(alpha_reward(logps, 1e-9), logps, atol=1e-6, rtol=0)
+    assert math.exp(-2000.0) == 0.0
+    far = alpha_reward(t64([-2000.0]), 0.1).item()
+    assert math.isfinite(far) and far == pytest.approx((1 - math.exp(200.0)) / 0.1, rel=1e-12)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "simpo"])
+def test_alphapo_every_loss_type_compares_alpha_rewards(loss_type: str) -> None:
+    """With α ≠ 0 each loss type's formula takes h = r_α(chosen) − r_α(rejected), and the logged
+    rewards are β·r_α."""
+    alpha = 0.25
+    config = CPOLossConfig(loss_type=loss_type, beta=0.5, simpo_gamma=0.3, cpo_alpha=0.0, alpha=alpha)
+    out = cpo_loss(t64(CHOSEN), t64(REJECTED), config)
+    chosen = [alphapo(c, alpha) for c in CHOSEN]
+    rejected = [alphapo(r, alpha) for r in REJECTED]
+    expected = [expected_preference(c - r, config) for c, r in zip(chosen, rejected, strict=True)]
+    torch.testing.assert_close(out.losses, t64(expected), atol=TOL, rtol=0)
+    torch.testing.assert_close(out.chosen_rewards, t64([0.5 * c for c in chosen]), atol=TOL, rtol=0)
+    torch.testing.assert_close(out.rejected_rewards, t64([0.5 * r for r in rejected]), atol=TOL, rtol=0)
+    plain = cpo_loss(
+        t64(CHOSEN),
+        t64(REJECTED),
+        CPOLossConfig(loss_type=loss_type, beta=0.5, simpo_gamma=0.3, cpo_alpha=0.0),
+    )
+    assert (out.losses - plain.losses).abs().max().item() > 1e-2

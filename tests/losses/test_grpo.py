@@ -1,14 +1,30 @@
-"""Closed-form checks of group advantages, RLOO and the GRPO loss normalisations (float64)."""
+"""Closed-form checks of the GRPO family (float64): group, RLOO, GDPO and REINFORCE++ advantages,
+the loss normalisations, GSPO's sequence ratio, two-sided clipping, CISPO, SAPO, top-entropy
+masking and the entropy bonus."""
 
 from __future__ import annotations
 
 import math
 import statistics
+from typing import get_args
 
 import pytest
 import torch
 
-from lit_pref.losses.grpo import GRPOLossConfig, group_advantages, grpo_policy_loss, rloo_advantages
+from lit_pref.losses.grpo import (
+    LOSS_SPECS,
+    LOSS_TYPES,
+    GRPOLossConfig,
+    LossType,
+    batch_normalize,
+    decoupled_advantages,
+    group_advantages,
+    grpo_policy_loss,
+    importance_ratio,
+    reinforce_plus_plus_advantages,
+    rloo_advantages,
+    top_entropy_mask,
+)
 
 TOL = {"atol": 1e-6, "rtol": 0.0}
 EPS = 1e-4
@@ -259,3 +275,319 @@ def test_grpo_loss_config_validation():
         with pytest.raises(ValueError, match=message):
             GRPOLossConfig(**kwargs)
     GRPOLossConfig(loss_type="dr_grpo", scale_rewards="none", beta=0.0, max_completion_length=512)
+
+
+# --- the GRPO family: registry ------------------------------------------------------------------
+
+
+def test_loss_registry_matches_the_literal():
+    """Every loss type the config accepts has a registry entry, and the reverse."""
+    assert get_args(LossType) == LOSS_TYPES
+    assert set(LOSS_SPECS) == set(LOSS_TYPES)
+
+
+# --- GSPO: sequence-level importance ratio -----------------------------------------------------
+
+# Sequence ratios s_i = (Π_t ρ_t)^(1/|o_i|) of the rows of RATIOS.
+SEQ_RATIOS = [0.75 ** (1 / 3), 0.5, math.sqrt(1.1)]
+
+
+def test_importance_ratio_token_and_sequence():
+    """token: ρ_{i,t} = π/π_old, 1 at padding; sequence (GSPO): exp(mean_t log ρ) = geometric mean."""
+    logps, old, _, mask = _batch()
+    token = importance_ratio(logps, old, mask, "token")
+    expected = torch.ones(3, 4, dtype=torch.float64)
+    for i, row in enumerate(RATIOS):
+        expected[i, : len(row)] = t(row)
+    torch.testing.assert_close(token, expected, **TOL)
+    sequence = importance_ratio(logps, old, mask, "sequence")
+    assert sequence.shape == (3, 1)
+    torch.testing.assert_close(sequence[:, 0], t(SEQ_RATIOS), **TOL)
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        importance_ratio(logps, old, mask, "prompt")  # type: ignore[arg-type]
+
+
+def test_gspo_loss_value_gradient_and_clip_fractions():
+    """GSPO with the grpo normalisation, β = 0, ε = (0.2, 0.28):
+    row 0: s = 0.9086, A = 1, unclipped → −0.9086
+    row 1: s = 0.5, A = −2, clipped at 0.8 → 1.6 (no gradient)
+    row 2: s = 1.0488, A = ½, unclipped → −0.5244
+    L = mean of the three. ∂L/∂log π_{i,t} = −A_i s_i / (|o_i| · B) on unclipped rows (∂s/∂log π_t = s/|o|).
+    Clip fractions count sequences: 1 of 3 low, none high.
+    """
+    logps, old, ref, mask = _batch()
+    logps.requires_grad_()
+    out = grpo_policy_loss(
+        logps, old, ref, t(ADVANTAGES), mask, loss_type="grpo", epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH,
+        importance_sampling_level="sequence",
+    )  # fmt: skip
+    per_seq = [-SEQ_RATIOS[0] * 1.0, 2.0 * 0.8, -SEQ_RATIOS[2] * 0.5]
+    assert out.loss.item() == pytest.approx(sum(per_seq) / 3, abs=1e-6)
+    (grad,) = torch.autograd.grad(out.loss, logps)
+    expected = torch.zeros(3, 4, dtype=torch.float64)
+    expected[0, :3] = -1.0 * SEQ_RATIOS[0] / (3 * 3)
+    expected[2, :2] = -0.5 * SEQ_RATIOS[2] / (2 * 3)
+    torch.testing.assert_close(grad, expected, **TOL)
+    assert out.clip_frac_low.item() == pytest.approx(1 / 3) and out.clip_frac_high.item() == 0.0
+    # Every token of a sequence carries its sequence's term.
+    torch.testing.assert_close(out.per_token_loss[0, :3].detach(), t([per_seq[0]] * 3), **TOL)
+
+
+# --- two-sided clipping (δ) --------------------------------------------------------------------
+
+
+def _one_token(ratio: float, advantage: float, **kwargs):
+    logps = t([[-1.0]]).requires_grad_()
+    old = t([[-1.0 - math.log(ratio)]])
+    out = grpo_policy_loss(logps, old, None, t([advantage]), torch.ones(1, 1, dtype=torch.bool), **kwargs)
+    (grad,) = torch.autograd.grad(out.loss, logps)
+    return out.loss.item(), grad.item()
+
+
+def test_two_sided_clipping_caps_negative_advantage_ratios():
+    """A = −2, ρ = 3, ε = 0.2. Without δ: −min(3·(−2), 1.2·(−2)) = 6, gradient −Aρ = 6.
+    δ = 2: −min(2·(−2), 1.2·(−2)) = 4, constant in ρ, so no gradient. Below δ (ρ = 1.5) and for
+    A > 0 (ρ = 3, clipped at 1.2 either way) δ changes nothing."""
+    assert _one_token(3.0, -2.0) == pytest.approx((6.0, 6.0), abs=1e-6)
+    assert _one_token(3.0, -2.0, delta=2.0) == pytest.approx((4.0, 0.0), abs=1e-6)
+    assert _one_token(1.5, -2.0, delta=2.0) == pytest.approx((3.0, 3.0), abs=1e-6)
+    assert _one_token(3.0, 1.0, delta=2.0) == pytest.approx((-1.2, 0.0), abs=1e-6)
+    with pytest.raises(ValueError, match="clipped loss types"):
+        _one_token(3.0, -2.0, delta=2.0, loss_type="sapo")
+
+
+# --- CISPO -------------------------------------------------------------------------------------
+
+
+def test_cispo_loss_and_gradient():
+    """ℓ = −min(ρ, ε_max)·A·log π with the weight detached, summed over tokens / token count
+    (dapo's normalisation). ε_max = 1.2: ρ = 1.5 is capped; every token keeps a gradient
+    −min(ρ, 1.2)·A (also the ones PPO clipping would drop). Clipped high: ρ > 1.2 with A > 0.
+    """
+    logps, old, _, mask = _batch()
+    logps.requires_grad_()
+    out = grpo_policy_loss(logps, old, None, t(ADVANTAGES), mask, loss_type="cispo", epsilon_high=1.2)
+    weights = [[min(r, 1.2) for r in row] for row in RATIOS]
+    values = [[-1.0 - 0.25 * j for j in range(len(row))] for row in RATIOS]
+    token_loss = [
+        [-w * a * v for w, v in zip(ws, vs, strict=True)]
+        for ws, vs, a in zip(weights, values, ADVANTAGES, strict=True)
+    ]
+    assert out.loss.item() == pytest.approx(sum(map(sum, token_loss)) / 6, abs=1e-6)
+    (grad,) = torch.autograd.grad(out.loss, logps)
+    expected = torch.zeros(3, 4, dtype=torch.float64)
+    for i, (ws, a) in enumerate(zip(weights, ADVANTAGES, strict=True)):
+        expected[i, : len(ws)] = t([-w * a / 6 for w in ws])
+    torch.testing.assert_close(grad, expected, **TOL)
+    assert out.clip_frac_high.item() == pytest.approx(1 / 6) and out.clip_frac_low.item() == 0.0
+    # With the global token count the sum is divided by it instead.
+    big = grpo_policy_loss(logps, old, None, t(ADVANTAGES), mask, loss_type="cispo", epsilon_high=1.2,
+                           num_items_in_batch=12)  # fmt: skip
+    assert big.loss.item() == pytest.approx(sum(map(sum, token_loss)) / 12, abs=1e-6)
+
+
+# --- SAPO --------------------------------------------------------------------------------------
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_sapo_soft_gate_value_and_gradient():
+    """ℓ = −(4/τ)σ(τ(ρ − 1))·A, τ = 1 (A > 0) or 1.05 (A ≤ 0), grpo normalisation.
+    ∂ℓ/∂log π = −A·4σ′(τ(ρ − 1))·ρ, which is −A at ρ = 1 (the plain policy gradient).
+    """
+    logps, old, _, mask = _batch()
+    logps.requires_grad_()
+    out = grpo_policy_loss(logps, old, None, t(ADVANTAGES), mask, loss_type="sapo")
+    taus = [1.0 if a > 0 else 1.05 for a in ADVANTAGES]
+    token_loss = [
+        [-(4 / tau) * sigmoid(tau * (r - 1)) * a for r in row]
+        for row, a, tau in zip(RATIOS, ADVANTAGES, taus, strict=True)
+    ]
+    assert out.loss.item() == pytest.approx(sum(sum(r) / len(r) for r in token_loss) / 3, abs=1e-6)
+    (grad,) = torch.autograd.grad(out.loss, logps)
+    expected = torch.zeros(3, 4, dtype=torch.float64)
+    for i, (row, a, tau) in enumerate(zip(RATIOS, ADVANTAGES, taus, strict=True)):
+        for j, r in enumerate(row):
+            s = sigmoid(tau * (r - 1))
+            expected[i, j] = -a * 4 * s * (1 - s) * r / (len(row) * 3)
+    torch.testing.assert_close(grad, expected, **TOL)
+    assert expected[0, 0].item() == pytest.approx(-1.0 / 9)  # ρ = 1: −A/(|o|·B)
+    assert out.clip_frac_region.item() == 0.0
+
+
+# --- top-entropy tokens and the entropy bonus --------------------------------------------------
+
+ENTROPY = [[0.1, 0.5, 0.9], [2.0], [0.3, 1.5]]
+
+
+def _entropy() -> torch.Tensor:
+    values = torch.full((3, 4), math.nan, dtype=torch.float64)
+    for i, row in enumerate(ENTROPY):
+        values[i, : len(row)] = t(row)
+    return values
+
+
+def test_top_entropy_mask_quantiles():
+    """Six entropies sorted 0.1, 0.3, 0.5, 0.9, 1.5, 2.0. ρ = 0.5: the median (0.5 + 0.9)/2 = 0.7
+    keeps 0.9, 2.0, 1.5. ρ = 0: the max keeps 2.0 only. ρ = 1: the min keeps all. A pooled set
+    (other ranks' tokens) moves the threshold: quantile_0.5 of [0.1, 2.5, 3.0] = 2.5 keeps none."""
+    _, _, _, mask = _batch()
+    entropy = _entropy()
+    kept = top_entropy_mask(entropy, mask, 0.5)
+    assert kept.tolist() == [
+        [False, False, True, False],
+        [True, False, False, False],
+        [False, True, False, False],
+    ]
+    assert (
+        top_entropy_mask(entropy, mask, 0.0).sum().item() == 1 and top_entropy_mask(entropy, mask, 0.0)[1, 0]
+    )
+    assert torch.equal(top_entropy_mask(entropy, mask, 1.0), mask)
+    assert not top_entropy_mask(entropy, mask, 0.5, pooled=t([0.1, 2.5, 3.0])).any()
+    with pytest.raises(ValueError, match="top_entropy_quantile"):
+        top_entropy_mask(entropy, mask, 1.5)
+
+
+def test_entropy_mask_drops_the_surrogate_not_the_kl_or_the_normaliser():
+    """bnpo with the mask of ρ = 0.5 (tokens (0,2), (1,0), (2,1)): Σ over kept tokens of the
+    surrogate plus Σ over all tokens of β·k3, divided by all 6 tokens."""
+    _, _, _, mask = _batch()
+    kept = top_entropy_mask(_entropy(), mask, 0.5)
+    out, _ = _loss("bnpo", entropy_mask=kept)
+    surrogate = SURROGATE[0][2] + SURROGATE[1][0] + SURROGATE[2][1]
+    kl = sum(k3(d) for row in REF_DELTAS for d in row)
+    assert out.loss.item() == pytest.approx((surrogate + BETA * kl) / 6, abs=1e-6)
+
+
+def test_entropy_bonus_value_gradient_and_global_weight():
+    """L = L_policy − c·H̄, H̄ the mean entropy of the surrogate's tokens: ∂L/∂H_t = −c/n.
+    All 6 tokens: H̄ = 5.3/6. Top-entropy tokens (0.9, 2.0, 1.5): H̄ = 4.4/3. Under dapo with
+    num_items_in_batch = 10 the bonus weighs by this micro-batch's 6/10 of the global tokens."""
+    c = 0.1
+    entropy = _entropy().requires_grad_()
+    out, _ = _loss("bnpo", entropy=entropy, entropy_coef=c)
+    base, _ = _loss("bnpo")
+    assert out.policy_loss.item() == pytest.approx(base.loss.item(), abs=1e-12)
+    assert out.loss.item() == pytest.approx(base.loss.item() - c * 5.3 / 6, abs=1e-6)
+    (grad,) = torch.autograd.grad(out.loss, entropy)
+    expected = torch.zeros(3, 4, dtype=torch.float64)
+    for i, row in enumerate(ENTROPY):
+        expected[i, : len(row)] = -c / 6
+    torch.testing.assert_close(grad, expected, **TOL)
+
+    _, _, _, mask = _batch()
+    kept = top_entropy_mask(_entropy(), mask, 0.5)
+    masked, _ = _loss("bnpo", entropy=_entropy(), entropy_mask=kept, entropy_coef=c)
+    assert masked.loss.item() - masked.policy_loss.item() == pytest.approx(-c * 4.4 / 3, abs=1e-6)
+    dapo, _ = _loss("dapo", entropy=_entropy(), entropy_coef=c, num_items_in_batch=10)
+    assert dapo.loss.item() - dapo.policy_loss.item() == pytest.approx(-c * (5.3 / 6) * 6 / 10, abs=1e-6)
+    with pytest.raises(ValueError, match="entropy"):
+        _loss("bnpo", entropy_coef=c)
+
+
+# --- advantages: RLOO normalisation, GDPO, REINFORCE++ -----------------------------------------
+
+
+def test_batch_normalize():
+    """(x − mean) / (unbiased std + 1e-4): REWARDS has mean 3 and std √8; one value gives 0."""
+    expected = [(r - 3.0) / (math.sqrt(8.0) + EPS) for r in REWARDS]
+    torch.testing.assert_close(batch_normalize(t(REWARDS)), t(expected), **TOL)
+    assert batch_normalize(t([5.0])).item() == 0.0
+
+
+def test_decoupled_advantages_normalise_each_reward_then_the_sum():
+    """P = 2, G = 3, two rewards weighted (1, 0.5).
+    Column 0 = REWARDS: group-normalised (−1, 0, 1)/(1 + eps), (−4, 0, 4)/(4 + eps).
+    Column 1 = (10, 10, 10 | 2, NaN, 4): group 0 has zero spread → 0; group 1 over its two scored
+    values: mean 3, std √2 → (−1, 0, 1)/(√2 + eps), the NaN contributing 0.
+    Sum, then batch-normalise (mean, unbiased std over the six, + eps).
+    A completion no reward scored gets 0 and stays out of the batch statistics.
+    """
+    columns = t([[1.0, 10.0], [2.0, 10.0], [3.0, 10.0], [0.0, 2.0], [4.0, math.nan], [8.0, 4.0]])
+    weights = t([1.0, 0.5])
+    a, b = 1 / (1 + EPS), 4 / (4 + EPS)
+    c = 1 / (math.sqrt(2.0) + EPS)
+    summed = [-a, 0.0, a, -b - 0.5 * c, 0.0, b + 0.5 * c]
+    mean, std = statistics.mean(summed), statistics.stdev(summed)
+    out = decoupled_advantages(columns, weights, 3)
+    torch.testing.assert_close(out.advantages, t([(s - mean) / (std + EPS) for s in summed]), **TOL)
+    assert out.zero_std_groups == 0
+
+    # Completion 4 unscored by both: group 1's column 0 is then (0, 8) → ±4/(√32 + eps).
+    unscored = columns.clone()
+    unscored[4] = math.nan
+    d = 4 / (math.sqrt(32.0) + EPS)
+    rest = [-a, 0.0, a, -d - 0.5 * c, d + 0.5 * c]
+    mean, std = statistics.mean(rest), statistics.stdev(rest)
+    got = decoupled_advantages(unscored, weights, 3).advantages
+    assert got[4].item() == 0.0
+    torch.testing.assert_close(got[[0, 1, 2, 3, 5]], t([(v - mean) / (std + EPS) for v in rest]), **TOL)
+    with pytest.raises(ValueError, match="one weight per column"):
+        decoupled_advantages(columns, t([1.0]), 3)
+
+
+def test_decoupled_differs_from_sum_then_normalise():
+    """Two rewards on different scales, one group: col 0 = (0, 1, 10), col 1 = (1, 0.5, 0).
+    Sum first: (1, 1.5, 10), completion 2 is best. Normalised first: col 0 → (−0.666, −0.484,
+    1.150), col 1 → (1, 0, −1), sum (0.334, −0.484, 0.150): completion 0 is best."""
+    columns = t([[0.0, 1.0], [1.0, 0.5], [10.0, 0.0]])
+    summed = group_advantages(columns.sum(-1), 3, "group").advantages
+    decoupled = decoupled_advantages(columns, t([1.0, 1.0]), 3).advantages
+    assert summed.argmax().item() == 2 and decoupled.argmax().item() == 0
+
+
+def test_reinforce_plus_plus_advantages_by_hand():
+    """Two prompts × two completions, lengths (2, 1, 3, 1), scores (1, 0, 2, 4), β = 0.5.
+    k1 per token d = ((0.2, 0.4), (0.6), (0.0, 0.2, -0.2), (0.1)).
+    Token rewards −β·d plus the score on the last token; returns G_t = Σ_{s≥t} r_s:
+      row 0: (−0.1 −0.2 + 1, −0.2 + 1) = (0.7, 0.8);  row 1: (−0.3);
+      row 2: (0 −0.1 +0.1 + 2, −0.1 + 0.1 + 2, 0.1 + 2) = (2, 2, 2.1);  row 3: (−0.05 + 4) = (3.95).
+    Advantages: the 7 returns whitened (unbiased variance, rsqrt(var + 1e-8)).
+    Baseline variant, no KL: scores minus the group mean (0.5, −0.5, −1, 1) on every token, whitened.
+    """
+    mask = torch.zeros(4, 3, dtype=torch.bool)
+    for i, n in enumerate([2, 1, 3, 1]):
+        mask[i, :n] = True
+    kl = torch.zeros(4, 3, dtype=torch.float64)
+    for i, row in enumerate([[0.2, 0.4], [0.6], [0.0, 0.2, -0.2], [0.1]]):
+        kl[i, : len(row)] = t(row)
+    scores = t([1.0, 0.0, 2.0, 4.0])
+
+    def whitened(rows: list[list[float]]) -> torch.Tensor:
+        flat = [v for row in rows for v in row]
+        mean, var = statistics.mean(flat), statistics.variance(flat)
+        out = torch.zeros(4, 3, dtype=torch.float64)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = t([(v - mean) / math.sqrt(var + 1e-8) for v in row])
+        return out
+
+    got = reinforce_plus_plus_advantages(scores, mask, token_kl=kl, kl_coef=0.5)
+    torch.testing.assert_close(got, whitened([[0.7, 0.8], [-0.3], [2.0, 2.0, 2.1], [3.95]]), **TOL)
+    baseline = reinforce_plus_plus_advantages(scores, mask, num_generations=2)
+    torch.testing.assert_close(baseline, whitened([[0.5, 0.5], [-0.5], [-1.0, -1.0, -1.0], [1.0]]), **TOL)
+
+
+# --- config ------------------------------------------------------------------------------------
+
+
+def test_grpo_family_config_validation():
+    bad = [
+        ({"importance_sampling_level": "prompt"}, "importance_sampling_level"),
+        ({"delta": 1.1}, r"delta must be > 1 \+ epsilon_high"),
+        ({"delta": 2.0, "loss_type": "cispo"}, "clipped loss types"),
+        ({"loss_type": "cispo", "epsilon_high": 0.0}, "cispo"),
+        ({"sapo_temperature_neg": 0.0}, "sapo temperatures"),
+        ({"top_entropy_quantile": 1.2}, "top_entropy_quantile"),
+        ({"entropy_coef": -0.1}, "entropy_coef"),
+        ({"kl_in_reward": True, "beta": 0.0}, "kl_in_reward"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=message):
+            GRPOLossConfig(**kwargs)  # type: ignore[arg-type]
+    config = GRPOLossConfig(beta=0.05, kl_in_reward=True, delta=2.0, importance_sampling_level="sequence")
+    kwargs = config.loss_kwargs()
+    assert kwargs["beta"] == 0.0 and config.kl_loss_coef == 0.0  # the KL is in the reward, not the loss
+    assert (kwargs["delta"], kwargs["importance_sampling_level"]) == (2.0, "sequence")
+    assert GRPOLossConfig(loss_type="cispo", epsilon_high=5.0).aggregation == "global_token_mean"

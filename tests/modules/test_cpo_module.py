@@ -33,6 +33,7 @@ def batch(tiny_lm_dir) -> dict:
         ({"loss_type": "simpo", "beta": 5.0, "cpo_alpha": 0.5}, 5.0, 0.5, True),
         ({"loss_type": "ipo"}, 0.1, 1.0, True),
         ({"loss_type": "hinge", "beta": 0.3, "length_normalize": True}, 0.3, 1.0, True),
+        ({"loss_type": "alphapo", "alpha": 0.2}, 2.0, 0.0, True),
     ],
 )
 def test_defaults_are_resolved_per_loss_type(kwargs, beta, alpha, normalised, tiny_lm_dir):
@@ -40,6 +41,10 @@ def test_defaults_are_resolved_per_loss_type(kwargs, beta, alpha, normalised, ti
     assert (module.loss_config.beta, module.loss_config.cpo_alpha) == (beta, alpha)
     assert module.length_normalize is normalised
     assert module.loss_config.simpo_gamma == 1.0
+    assert module.loss_config.alpha == kwargs.get("alpha", 0.0)
+    assert module.loss_config.loss_type == (
+        "simpo" if kwargs.get("loss_type") == "alphapo" else kwargs.get("loss_type", "sigmoid")
+    )
 
 
 def test_invalid_settings_raise(tiny_lm_dir):

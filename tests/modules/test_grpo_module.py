@@ -1,8 +1,10 @@
-"""GRPO / RLOO module: configuration, rollout bookkeeping, optimizer steps, learning, resume."""
+"""GRPO-family module: configuration, rollout bookkeeping (RLOO, REINFORCE++, GDPO, KL in the
+reward), the differentiable entropy of the log-prob path, optimizer steps, learning, resume."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import time
 from functools import partial
@@ -17,8 +19,14 @@ from rl_helpers import StepsPerBatch, length_reward, make_trainer, mean_reward, 
 
 from lit_pref.callbacks import SampleTable
 from lit_pref.cli import main
-from lit_pref.losses.grpo import rloo_advantages
+from lit_pref.losses.grpo import (
+    batch_normalize,
+    decoupled_advantages,
+    reinforce_plus_plus_advantages,
+    rloo_advantages,
+)
 from lit_pref.modules import GRPO
+from lit_pref.ops import masked_mean
 
 MOOD = "lit_pref.tasks:mood_reward"
 ROOT = Path(__file__).resolve().parents[2]
@@ -244,7 +252,7 @@ def test_resume_restores_optimizer_and_continues(tiny_lm_dir, tmp_path):
 
 
 # ------------------------------------------------------------------- config
-@pytest.mark.parametrize("name", ["grpo", "rloo"])
+@pytest.mark.parametrize("name", ["grpo", "rloo", "gspo", "cispo", "reinforce_pp"])
 def test_shipped_config_runs_offline(name, tiny_lm_dir, tmp_path, monkeypatch):
     """configs/<name>.yaml as shipped (outputs/tiny-lm is the tiny model), for one batch of prompts."""
     monkeypatch.chdir(tmp_path)
@@ -269,3 +277,202 @@ def test_shipped_config_runs_offline(name, tiny_lm_dir, tmp_path, monkeypatch):
     assert len(list(csv.DictReader(samples.open(encoding="utf-8")))) == 8
     metrics = (run / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "train/score" in metrics and "val/score" in metrics
+
+
+# ------------------------------------------------------------- GRPO family
+def test_family_configuration_is_validated(tiny_lm_dir):
+    model = str(tiny_lm_dir)
+    bad = [
+        ({"advantage_estimator": "ppo"}, "advantage_estimator must be one of"),
+        (
+            {"advantage_estimator": "reinforce_plus_plus", "scale_rewards": "group"},
+            "normalises its advantages",
+        ),
+        ({"multi_objective_aggregation": "mean"}, "unknown multi_objective_aggregation"),
+        (
+            {"multi_objective_aggregation": "normalize_then_sum", "advantage_estimator": "rloo"},
+            "grpo-estimator",
+        ),
+        (
+            {"multi_objective_aggregation": "normalize_then_sum", "scale_rewards": "batch"},
+            "drop scale_rewards",
+        ),
+        ({"normalize_advantages": True, "advantage_estimator": "reinforce_plus_plus"}, "already normalised"),
+        ({"loss_type": "cispo"}, "set epsilon_high"),
+        ({"delta": 1.1}, "delta must be >"),
+        ({"importance_sampling_level": "prompt"}, "importance_sampling_level"),
+        ({"top_entropy_quantile": -0.1}, "top_entropy_quantile"),
+        ({"entropy_coef": -1.0}, "entropy_coef"),
+        ({"kl_in_reward": True, "beta": 0.0}, "kl_in_reward"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=message):
+            GRPO(model_name_or_path=model, rewards=MOOD, **kwargs)
+    module = GRPO(
+        model_name_or_path=model, rewards=MOOD, loss_type="cispo", epsilon_high=5.0,
+        importance_sampling_level="sequence", advantage_estimator="reinforce_plus_plus_baseline",
+    )  # fmt: skip
+    config = module.loss_config
+    assert (config.epsilon_high, config.importance_sampling_level, config.scale_rewards) == (
+        5.0,
+        "sequence",
+        "none",
+    )
+    with pytest.warns(UserWarning, match="GSPO's objective is loss_type grpo"):
+        GRPO(model_name_or_path=model, rewards=MOOD, loss_type="dapo", importance_sampling_level="sequence")
+
+
+def rollout_for(module: GRPO, batch_size: int = 2):
+    module.configure_model()
+    data = prompts_data(batch_size=batch_size)
+    data._tokenizer = module.tokenizer
+    data.target = "prompt_only"
+    data.setup()
+    return module.sample(next(iter(data.train_dataloader())))
+
+
+def test_reinforce_plus_plus_rollout_puts_the_kl_in_the_reward(tiny_lm_dir):
+    """REINFORCE++ with kl_in_reward: per-token advantages from the score and β·k1(π_old ‖ π_ref)
+    (both scored in prepare), the loss gets no KL (no reference log-probs kept, none in the loss)."""
+    torch.manual_seed(0)
+    module = GRPO(
+        model_name_or_path=str(tiny_lm_dir), rewards=length_reward, num_generations=2, max_new_tokens=4,
+        advantage_estimator="reinforce_plus_plus", beta=0.5, kl_in_reward=True,
+    )  # fmt: skip
+    rollout = rollout_for(module)
+    # Make the reference differ from the policy, so that the KL is not 0.
+    with torch.no_grad():
+        for p in module.reference.network.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tensors = module.prepare(rollout)
+    assert tensors.advantages.shape == rollout.mask.shape
+    assert tensors.ref_logps is None and tensors.old_logps is None
+    logps = module._score_chunk(rollout)
+    assert logps.old_logps is not None and logps.ref_logps is not None
+    token_kl = torch.where(rollout.mask, logps.old_logps - logps.ref_logps, 0.0)
+    assert token_kl.abs().max() > 1e-3
+    scores = torch.tensor(length_reward(None, rollout.completions))
+    expected = reinforce_plus_plus_advantages(scores, rollout.mask, token_kl=token_kl, kl_coef=0.5)
+    torch.testing.assert_close(tensors.advantages, expected, atol=1e-5, rtol=1e-5)
+    assert module.loss_config.loss_kwargs()["beta"] == 0.0
+
+
+def test_normalize_then_sum_rollout_uses_each_reward_and_the_penalty(tiny_lm_dir):
+    """GDPO: the advantages are decoupled_advantages of the sources' raw columns plus the
+    missing-EOS penalty as one more column (weight 1)."""
+
+    def short(prompts, completions, **_):
+        return [-float(len(c)) for c in completions]
+
+    module = GRPO(
+        model_name_or_path=str(tiny_lm_dir), rewards=[length_reward, short], reward_weights=[1.0, 0.5],
+        missing_eos_penalty=1.0, num_generations=3, max_new_tokens=3, beta=0.0,
+        multi_objective_aggregation="normalize_then_sum",
+    )  # fmt: skip
+    rollout = rollout_for(module)
+    _, per_source = module.score(rollout)
+    columns, weights = module.reward_columns(rollout, per_source)
+    assert columns.shape == (6, 3) and weights.tolist() == [1.0, 0.5, 1.0]
+    torch.testing.assert_close(columns[:, 2], -(~rollout.ended).float())
+    tensors = module.prepare(rollout)
+    torch.testing.assert_close(tensors.advantages, decoupled_advantages(columns, weights, 3).advantages)
+
+
+def test_normalize_advantages_whitens_rloo(tiny_lm_dir):
+    module = GRPO(model_name_or_path=str(tiny_lm_dir), rewards=MOOD, num_generations=2,
+                  advantage_estimator="rloo", normalize_advantages=True)  # fmt: skip
+    scores = torch.tensor([1.0, 0.0, 0.5, 2.0])
+    advantages, _ = module.advantages(scores)
+    torch.testing.assert_close(advantages, batch_normalize(rloo_advantages(scores, 2)))
+
+
+def test_differentiable_entropy_from_the_chunked_head(tiny_lm_dir):
+    """ops.completion_logps(entropy_grad=True): the entropy computed in the LM-head chunks equals
+    the entropy of the full softmax, and so does its gradient; by default it is detached."""
+    from transformers import AutoModelForCausalLM
+
+    from lit_pref.ops import completion_logps
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    prompt = torch.tensor([[5, 6, 7], [0, 8, 9]])
+    prompt_mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    completion = torch.tensor([[10, 11, 12, 0], [13, 14, 15, 16], [17, 18, 0, 0], [19, 20, 21, 22]])
+    completion_mask = (completion != 0).long()
+    args = (model, prompt, prompt_mask, completion, completion_mask)
+    out = completion_logps(*args, chunk_size=3, with_entropy=True, entropy_grad=True)
+    assert out.entropy is not None and out.entropy.requires_grad
+    detached = completion_logps(*args, chunk_size=3, with_entropy=True)
+    assert detached.entropy is not None and not detached.entropy.requires_grad
+    torch.testing.assert_close(out.entropy.detach(), detached.entropy)
+    (grad,) = torch.autograd.grad(masked_mean(out.entropy, out.mask), model.lm_head.weight)
+
+    ids = torch.cat([prompt.repeat_interleave(2, 0), completion], 1)
+    mask = torch.cat([prompt_mask.repeat_interleave(2, 0), completion_mask], 1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, 2:-1].float()
+    reference = -(logits.log_softmax(-1).exp() * logits.log_softmax(-1)).sum(-1)
+    torch.testing.assert_close(
+        out.entropy.detach()[out.mask], reference.detach()[out.mask], atol=1e-5, rtol=1e-5
+    )
+    (expected,) = torch.autograd.grad(masked_mean(reference, out.mask), model.lm_head.weight)
+    torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_entropy_bonus_reaches_the_weights(tiny_lm_dir):
+    """With entropy_coef the module asks the log-prob path for the entropy's gradient. With all
+    advantages 0 (and β = 0) the policy term has zero gradient, so the loss's gradient with respect
+    to the LM head is the bonus −c·H̄'s alone: non-zero only if the entropy carries its gradient."""
+    torch.manual_seed(0)
+    module = GRPO(model_name_or_path=str(tiny_lm_dir), rewards=length_reward, num_generations=2,
+                  max_new_tokens=4, beta=0.0, entropy_coef=1.0)  # fmt: skip
+    rollout = rollout_for(module)
+    tensors = dataclasses.replace(module.prepare(rollout), advantages=torch.zeros(rollout.num_completions))
+    loss, metrics = module.rollout_loss(rollout, tensors, None)
+    assert float(metrics["policy_loss"]) == 0.0
+    entropy = module.logps(module.policy, rollout.batch(), with_entropy=True).entropy
+    torch.testing.assert_close(loss.detach(), -masked_mean(entropy, rollout.mask), atol=1e-5, rtol=1e-5)
+    (grad,) = torch.autograd.grad(loss, module.policy.get_output_embeddings().weight)
+    assert grad.abs().max() > 1e-6
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({"importance_sampling_level": "sequence", "beta": 0.0}, id="gspo"),
+        pytest.param({"loss_type": "cispo", "epsilon_high": 5.0, "beta": 0.0}, id="cispo"),
+        pytest.param(
+            {"loss_type": "sapo", "delta": None, "top_entropy_quantile": 0.5}, id="sapo-top-entropy"
+        ),
+        pytest.param({"delta": 1.5, "entropy_coef": 0.01}, id="two-sided-entropy-bonus"),
+        pytest.param(
+            {"advantage_estimator": "reinforce_plus_plus_baseline", "loss_type": "dapo"},
+            id="reinforce_pp_baseline",
+        ),
+        pytest.param(
+            {"advantage_estimator": "rloo", "kl_in_reward": True, "normalize_advantages": True}, id="rloo-kl"
+        ),
+    ],
+)
+def test_family_trains(options, tiny_lm_dir, tmp_path):
+    """One rollout reused over 2 iterations × 2 mini-batches (so π_old ≠ π) through the real
+    training loop: the policy moves, the metrics are finite, the family's own metrics are logged."""
+    module = GRPO(
+        model_name_or_path=str(tiny_lm_dir), rewards=length_reward, num_generations=2, max_new_tokens=4,
+        num_iterations=2, num_mini_batches=2, optimizer=partial(torch.optim.AdamW, lr=1e-3), **options,
+    )  # fmt: skip
+    trainer = make_trainer(tmp_path, limit_train_batches=1, max_epochs=1)
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+    trainer.fit(module, prompts_data(batch_size=4))
+    assert trainer.global_step == 4
+    assert any(not torch.equal(p, before[n]) for n, p in module.policy.named_parameters())
+    metrics = trainer.callback_metrics
+    names = ["loss", "entropy", "policy/clip_frac", "policy/approx_kl", "score"]
+    names += ["policy_loss"] if options.get("entropy_coef") else []
+    names += ["policy/top_entropy_frac"] if "top_entropy_quantile" in options else []
+    names += ["kl"] if options.get("kl_in_reward") or options.get("beta", 0.04) else []
+    for name in names:
+        assert math.isfinite(float(metrics[f"train/{name}"])), name
+    if "top_entropy_quantile" in options:
+        assert 0 < float(metrics["train/policy/top_entropy_frac"]) < 1

@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from parity.trl_fakes import ATOL, DTYPE, accelerator, lit_logps
-from trl.experimental.cpo import CPOTrainer
+from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOTrainer
 
 from lit_pref.data.collate import Collator, pad
@@ -131,7 +131,8 @@ def trl_cpo(data: dict[str, Any], **config: Any) -> tuple[torch.Tensor, dict[str
     model = LogitsTable(_concat(batch), data["logits"])
     trainer = object.__new__(CPOTrainer)
     trainer.__dict__.update(
-        is_encoder_decoder=False, pad_token_id=0, accelerator=accelerator(), aux_loss_enabled=False, alpha=0.0,
+        is_encoder_decoder=False, pad_token_id=0, accelerator=accelerator(), aux_loss_enabled=False,
+        alpha=config.get("alpha", 0.0),
         loss_type=config["loss_type"], beta=config["beta"], label_smoothing=config.get("label_smoothing", 0.0),
         simpo_gamma=config.get("simpo_gamma", 0.5), cpo_alpha=config["cpo_alpha"],
     )  # fmt: skip
@@ -157,20 +158,37 @@ CPO_CASES = [
 ]
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.25, -0.2])
 @pytest.mark.parametrize("config", CPO_CASES)
-def test_cpo_preference_term_equals_trl(config, tiny_lm_dir):
-    """With cpo_alpha = 0 (no NLL term, pure SimPO) the losses, gradients and rewards are TRL's."""
+def test_cpo_preference_term_equals_trl(config, alpha, tiny_lm_dir):
+    """With cpo_alpha = 0 (no NLL term, pure SimPO) the losses, gradients and rewards are TRL's;
+    also with AlphaPO's ``alpha`` (Gupta et al. 2025: every loss type's reward reshaped to
+    (1 − p^(−α))/α)."""
     data = make_data()
-    module = CPO(model_name_or_path=str(tiny_lm_dir), cpo_alpha=0.0, **config)
+    module = CPO(model_name_or_path=str(tiny_lm_dir), cpo_alpha=0.0, alpha=alpha, **config)
     module.configure_model()
     lit_loss, metrics = run_lit(module, data)
-    trl_loss, trl_metrics = trl_cpo(data, cpo_alpha=0.0, **config)
+    trl_loss, trl_metrics = trl_cpo(data, cpo_alpha=0.0, alpha=alpha, **config)
     torch.testing.assert_close(lit_loss, trl_loss, atol=ATOL, rtol=0)
     (lit_grad,) = torch.autograd.grad(lit_loss, data["logits"])
     (trl_grad,) = torch.autograd.grad(trl_loss, data["logits"])
     torch.testing.assert_close(lit_grad, trl_grad, atol=ATOL, rtol=0)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         torch.testing.assert_close(float(metrics[key].mean()), trl_metrics[key], atol=ATOL, rtol=0)
+    if alpha:
+        plain_loss, _ = trl_cpo(data, cpo_alpha=0.0, **config)
+        assert abs(float(plain_loss - trl_loss)) > 1e-3  # α changes the loss: the match is not vacuous
+
+
+def test_alphapo_loss_type_is_trls_shorthand(tiny_lm_dir, tmp_path):
+    """``loss_type: alphapo`` is what TRL's CPOConfig makes of it: simpo with cpo_alpha = 0."""
+    args = CPOConfig(output_dir=str(tmp_path), loss_type="alphapo", alpha=0.2, report_to=[], use_cpu=True)
+    module = CPO(model_name_or_path=str(tiny_lm_dir), loss_type="alphapo", alpha=0.2)
+    config = module.loss_config
+    assert (config.loss_type, config.cpo_alpha, config.alpha) == (args.loss_type, args.cpo_alpha, args.alpha)
+    assert module.length_normalize  # TRL averages log-probs for simpo
+    with pytest.raises(ValueError, match="alphapo has no NLL term"):
+        CPO(model_name_or_path=str(tiny_lm_dir), loss_type="alphapo", cpo_alpha=1.0)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "simpo"])
