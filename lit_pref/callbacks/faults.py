@@ -63,14 +63,15 @@ class StopOnDivergence(Callback):
         self.loss_spike_factor = loss_spike_factor
         self.window = window
         self.recent: deque[float] = deque(maxlen=window)
-        self._step_loss = 0.0
+        self._step_loss: torch.Tensor | float = 0.0
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
-        # Summed over the micro-batches of one optimizer step (each is already scaled by its share).
-        self._step_loss += float(loss.detach())
+        # Summed over the micro-batches of one optimizer step (each is already scaled by its share),
+        # on the device: read once per step, not once per micro-batch.
+        self._step_loss = self._step_loss + loss.detach().float()
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        loss, self._step_loss = self._step_loss, 0.0
+        loss, self._step_loss = float(self._step_loss), 0.0
         problem = self.problem(trainer, pl_module, loss)
         if trainer.strategy.reduce_boolean_decision(problem is not None, all=False):
             where = last_checkpoint(trainer)
