@@ -53,6 +53,7 @@ ALGORITHMS: dict[str, tuple[str, dict[str, Any]]] = {
         "kl_in_reward": True, "loss_type": "dapo", "beta": 0.01, "lr": 2e-3,
     }),
     "online_dpo": ("lit_pref.modules.OnlineDPO", {"num_generations": 4, "lr": 3e-4}),
+    "rft": ("lit_pref.modules.RFT", {"num_generations": 8, "lr": 2e-3}),
 }  # fmt: skip
 
 

@@ -35,6 +35,9 @@ _EXPORTS: dict[str, str] = {
     "ORPO": "lit_pref.modules.orpo",
     "PPO": "lit_pref.modules.ppo",
     "GRPO": "lit_pref.modules.grpo",
+    "OnlineDPO": "lit_pref.modules.online_dpo",
+    "RFT": "lit_pref.modules.rft",
+    "IterativeSFT": "lit_pref.modules.rft",
     # The reference component and the rollout engines.
     "Reference": "lit_pref.reference",
     "RolloutEngine": "lit_pref.engines.base",
@@ -48,6 +51,9 @@ _EXPORTS: dict[str, str] = {
     "RefModelSync": "lit_pref.callbacks.ref_sync",
     "RewardPredictionTable": "lit_pref.callbacks.predictions",
     "SampleTable": "lit_pref.callbacks.samples",
+    "StopOnDivergence": "lit_pref.callbacks.faults",
+    "CheckpointOnSignal": "lit_pref.callbacks.faults",
+    "TrainingDiverged": "lit_pref.callbacks.faults",
     # The command line, and the FSDP2 strategy of configs/strategies/fsdp.yaml.
     "LitPrefCLI": "lit_pref.cli",
     "FSDP2Strategy": "lit_pref.distributed",
@@ -70,13 +76,17 @@ __all__ = [
     "KTO",
     "ORPO",
     "PPO",
+    "RFT",
     "SFT",
     "AlignmentModule",
+    "CheckpointOnSignal",
     "CompletionLogps",
     "FSDP2Strategy",
     "GenerateEngine",
+    "IterativeSFT",
     "LitPrefCLI",
     "OfflineReferenceModule",
+    "OnlineDPO",
     "OnlineRLModule",
     "PreferenceDataModule",
     "RefModelSync",
@@ -88,6 +98,8 @@ __all__ = [
     "RewardSet",
     "RolloutEngine",
     "SampleTable",
+    "StopOnDivergence",
+    "TrainingDiverged",
     "__version__",
     "completion_logps",
     "generate",
@@ -111,6 +123,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real objects
+    from lit_pref.callbacks.faults import CheckpointOnSignal, StopOnDivergence, TrainingDiverged
     from lit_pref.callbacks.predictions import RewardPredictionTable
     from lit_pref.callbacks.ref_sync import RefModelSync
     from lit_pref.callbacks.samples import SampleTable
@@ -127,10 +140,12 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real objects
     from lit_pref.modules.grpo import GRPO
     from lit_pref.modules.kto import KTO
     from lit_pref.modules.online import OnlineRLModule
+    from lit_pref.modules.online_dpo import OnlineDPO
     from lit_pref.modules.orpo import ORPO
     from lit_pref.modules.ppo import PPO
     from lit_pref.modules.reference import OfflineReferenceModule, ReferenceModule
     from lit_pref.modules.reward import RewardModel
+    from lit_pref.modules.rft import RFT, IterativeSFT
     from lit_pref.modules.sft import SFT
     from lit_pref.ops import completion_logps
     from lit_pref.reference import Reference

@@ -10,6 +10,7 @@ from lit_pref.modules.online_dpo import OnlineDPO
 from lit_pref.modules.orpo import ORPO
 from lit_pref.modules.ppo import PPO
 from lit_pref.modules.reward import RewardModel
+from lit_pref.modules.rft import RFT, IterativeSFT
 from lit_pref.modules.sft import SFT
 
-__all__ = ["BCO", "CPO", "DPO", "GRPO", "KTO", "ORPO", "PPO", "SFT", "AlignmentModule", "OnlineDPO", "RewardModel"]
+__all__ = ["BCO", "CPO", "DPO", "GRPO", "KTO", "ORPO", "PPO", "RFT", "SFT", "AlignmentModule", "IterativeSFT", "OnlineDPO", "RewardModel"]
