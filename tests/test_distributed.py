@@ -58,6 +58,8 @@ JOBS = [
     {"name": "shard", "kind": "shard"},
     {"name": "grpo", "kind": "grpo"},
     {"name": "ppo", "kind": "ppo"},
+    {"name": "online_dpo", "kind": "online_dpo"},
+    {"name": "rft", "kind": "rft"},
     # Resume inside an epoch (12 rows: 3 batches per rank and epoch): straight vs 2 steps + 2 resumed.
     *[{"name": f"resume_{part}", "strategy": "ddp", "devices": 2, **RESUME, **settings} for part, settings in RESUME_PARTS.items()],
 ]  # fmt: skip
@@ -297,11 +299,11 @@ def test_shard_causal_lm(name, dist_runs):
     assert [r[f"{name}_new_tokens"] for r in dist_runs["shard"]] == [2, 6]
 
 
-@pytest.mark.parametrize("kind", ["grpo", "ppo"])
+@pytest.mark.parametrize("kind", ["grpo", "ppo", "online_dpo", "rft"])
 def test_online_algorithms_step_under_fsdp(kind, dist_runs):
-    """A GRPO / PPO step (sampling, reference and value scoring, manual optimizer step) with every
-    network sharded, and the same reduced metrics on both ranks."""
-    expected = {"policy": True, "reference": True} | ({"value": True} if kind == "ppo" else {})
+    """A step of each online module (sampling, reference and value scoring, manual optimizer step)
+    with every network sharded, and the same reduced metrics on both ranks."""
+    expected = {"policy": True} | ({} if kind == "rft" else {"reference": True}) | ({"value": True} if kind == "ppo" else {})
     for result in dist_runs[kind]:
         assert result["global_step"] == 1 and result["sharded"] == expected
         assert math.isfinite(result["metrics"]["train/loss"])

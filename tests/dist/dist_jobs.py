@@ -223,10 +223,9 @@ def sharded_model_checks(model_dir: str | Path) -> dict[str, Any]:
 
 
 def run_rl(kind: str, model_dir: str | Path, root: str | Path) -> dict[str, Any]:
-    """One GRPO or PPO step under FSDP2: sampling from the sharded policy, sharded reference (and
-    PPO's value network) scoring, manual optimizer steps."""
-    from lit_pref.modules.grpo import GRPO
-    from lit_pref.modules.ppo import PPO
+    """One step of an online module under FSDP2: sampling from the sharded policy, sharded reference
+    (and PPO's value network) scoring, manual optimizer steps."""
+    from lit_pref.modules import GRPO, PPO, RFT, OnlineDPO
 
     torch.manual_seed(0)
     common = {
@@ -235,7 +234,13 @@ def run_rl(kind: str, model_dir: str | Path, root: str | Path) -> dict[str, Any]
         "max_new_tokens": 4,
         "optimizer": lambda params: torch.optim.AdamW(params, lr=1e-3),
     }
-    module = GRPO(num_generations=2, **common) if kind == "grpo" else PPO(num_ppo_epochs=1, **common)
+    modules = {
+        "grpo": lambda: GRPO(num_generations=2, **common),
+        "ppo": lambda: PPO(num_ppo_epochs=1, **common),
+        "online_dpo": lambda: OnlineDPO(num_generations=2, **common),
+        "rft": lambda: RFT(num_generations=2, **common),
+    }
+    module = modules[kind]()
     data = PreferenceDataModule(
         "lit_pref.tasks:mood_prompts", batch_size=2, max_train_samples=4, val_split=None
     )

@@ -58,7 +58,7 @@ def main(plan_path: str) -> None:
             result = uneven_metrics()
         elif job.get("kind") == "shard":
             result = sharded_model_checks(plan["model_dir"])
-        elif job.get("kind") in ("grpo", "ppo"):
+        elif job.get("kind") in ("grpo", "ppo", "online_dpo", "rft"):
             result = run_rl(job["kind"], plan["model_dir"], root)
         else:
             result = run(job, plan["model_dir"], root)
