@@ -17,7 +17,7 @@ from rl_helpers import length_reward
 
 from lit_pref.data.datamodule import PreferenceDataModule
 from lit_pref.data.sampling import ResumableSampler
-from lit_pref.modules import BCO, CPO, DPO, GRPO, KTO, ORPO, PPO, SFT, RewardModel
+from lit_pref.modules import BCO, CPO, DPO, GRPO, KTO, ORPO, PPO, RFT, SFT, OnlineDPO, RewardModel
 
 ADAMW = partial(torch.optim.AdamW, lr=5e-3)
 # Rows and batch size: 3 batches per epoch, so a stop after 2 steps is inside the first epoch
@@ -47,6 +47,8 @@ MODULES = {
     "orpo": (offline(ORPO), "lit_pref.tasks:mood_preferences"),
     "grpo": (online(GRPO, num_generations=2), "lit_pref.tasks:mood_prompts"),
     "ppo": (online(PPO, num_ppo_epochs=1), "lit_pref.tasks:mood_prompts"),
+    "online_dpo": (online(OnlineDPO, num_generations=2), "lit_pref.tasks:mood_prompts"),
+    "rft": (online(RFT, num_generations=2), "lit_pref.tasks:mood_prompts"),
 }
 
 
