@@ -336,13 +336,21 @@ def _plain(value: Any) -> Any:
 def main(args: list[str] | None = None) -> None:
     """Run the CLI; a configuration or data error is one readable line, not a traceback.
 
-    Set ``LIT_PREF_DEBUG=1`` to see the full traceback instead.
+    The console is quiet (:mod:`lit_pref.console`): one progress bar per phase, known
+    third-party warnings off. Set ``LIT_PREF_DEBUG=1`` to see the full traceback instead, and
+    every warning and progress bar.
     """
+    # The command's console, not LitPrefCLI's: code that builds a LitPrefCLI itself keeps its own.
+    from lit_pref.console import Trainer, quiet_console
+
+    if not os.environ.get("LIT_PREF_DEBUG"):
+        quiet_console()
     try:
         LitPrefCLI(
             AlignmentModule,
             PreferenceDataModule,
             subclass_mode_model=True,
+            trainer_class=Trainer,
             args=args,
             save_config_kwargs={"overwrite": True},
         )

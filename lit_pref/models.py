@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-
-log = logging.getLogger(__name__)
+from transformers.utils import logging as transformers_logging
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -32,6 +31,16 @@ def load_tokenizer(source: str | PreTrainedTokenizerBase) -> PreTrainedTokenizer
         )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def quiet_weight_bars() -> None:
+    """Load and save weights without transformers' progress bars, in this process (a command's
+    console; the library itself leaves them alone). Downloads keep huggingface_hub's bars: a
+    real model takes minutes to fetch."""
+    downloads_shown = not are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()  # turns off huggingface_hub's bars too…
+    if downloads_shown:
+        enable_progress_bars()  # …which the downloads keep
 
 
 def load_causal_lm(
@@ -68,6 +77,19 @@ def disable_dropout(model: torch.nn.Module) -> None:
             for name, value in config.to_dict().items():
                 if "dropout" in name and isinstance(value, float):
                     setattr(config, name, 0.0)
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them.
+
+    Non-reentrant checkpointing, which works with frozen embeddings and LoRA. transformers 5.23
+    renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old
+    name warns); earlier releases have only the old one.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

@@ -7,6 +7,7 @@ the values; positions where the mask is 0 never influence a result.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -103,6 +104,15 @@ def decoder_and_head(model: CausalLM) -> tuple[torch.nn.Module, torch.nn.Module]
     return decoder, head
 
 
+def _cache_argument(decoder: torch.nn.Module) -> str:
+    """The name under which ``decoder`` takes and returns its KV cache.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name still works, with a
+    FutureWarning); earlier 5.x releases know only the old name.
+    """
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
 def completion_hidden(
     decoder: torch.nn.Module,
     prompt_input_ids: Tensor,
@@ -129,7 +139,8 @@ def completion_hidden(
             position_ids=position_ids_from_mask(prompt_attention_mask),
             use_cache=True,
         )
-        cache = prompt_out.past_key_values
+        cache_name = _cache_argument(decoder)
+        cache = getattr(prompt_out, cache_name)
         cache.batch_repeat_interleave(k)
         prompt_mask = prompt_attention_mask.repeat_interleave(k, 0)
         prompt_lengths = prompt_mask.sum(-1, keepdim=True)
@@ -138,7 +149,7 @@ def completion_hidden(
             input_ids=completion_input_ids,
             attention_mask=torch.cat([prompt_mask, completion_attention_mask], 1),
             position_ids=prompt_lengths + offsets,
-            past_key_values=cache,
+            **{cache_name: cache},
             use_cache=True,
         )
         last_prompt = prompt_out.last_hidden_state[:, -1:].repeat_interleave(k, 0)

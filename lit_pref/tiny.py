@@ -141,12 +141,14 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from lit_pref import tasks
+    from lit_pref.models import quiet_weight_bars
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("directory", help="output directory (Hugging Face format)")
     parser.add_argument("--kind", default="causal_lm", choices=("causal_lm", "sequence_classifier"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    quiet_weight_bars()
     print(save_tiny_model(args.directory, tasks.corpus(), kind=args.kind, seed=args.seed))
 
 

@@ -8,12 +8,12 @@ import logging
 import os
 import warnings
 
+import datasets
 import pytest
 import torch
 from data_helpers import isolated_offline_datasets, make  # noqa: F401 (an autouse fixture)
 from datasets import Dataset, DatasetDict
 
-import lit_pref.data.datamodule as datamodule_module
 from lit_pref import tasks
 from lit_pref.data.datamodule import PreferenceDataModule, load_raw
 from lit_pref.data.formats import DataFormatError
@@ -104,13 +104,13 @@ def test_loads_a_generating_function(tokenizer):
 
 def test_a_hub_name_goes_through_load_dataset_and_fails_offline(tokenizer, monkeypatch):
     calls = []
-    real = datamodule_module.load_dataset
+    real = datasets.load_dataset
 
     def spy(*args, **kwargs):
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(datamodule_module, "load_dataset", spy)
+    monkeypatch.setattr(datasets, "load_dataset", spy)  # imported where data is loaded
     dm = PreferenceDataModule("lit-pref-tests/no-such-dataset", tokenizer_name_or_path=tokenizer, target="paired")
     with pytest.raises((ConnectionError, FileNotFoundError), match="lit-pref-tests/no-such-dataset"):
         dm.setup("fit")

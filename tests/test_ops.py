@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lit_pref.models import enable_activation_checkpointing
 from lit_pref.ops import (
     completion_logps,
     last_token_index,
@@ -167,7 +168,7 @@ def test_gradient_checkpointing_gives_the_same_values_and_gradients(tokenizer):
     for checkpointing in (False, True):
         model = build_tiny_causal_lm(tokenizer, seed=6).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
             assert model.is_activation_checkpointing
         out = completion_logps(model, *batch, share_prompt=True)
         out.token_logps.sum().backward()

@@ -1,7 +1,5 @@
 """``PreferenceDataModule``: one data module for every dataset shape and every algorithm."""
 
-from __future__ import annotations
-
 import bisect
 import contextlib
 import importlib
@@ -11,10 +9,8 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-from datasets.exceptions import DatasetGenerationError
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
@@ -34,6 +30,22 @@ from lit_pref.data.sampling import count_trained_batch, resumable_loader
 from lit_pref.data.sources import check_source, looks_local, missing_path_message, offline_hint
 from lit_pref.data.tokenize import TruncationConfig, TruncationMode, tokenize_row
 from lit_pref.models import load_tokenizer
+
+# datasets (with pandas and pyarrow: half a second) is imported where data is loaded, not here: the
+# CLI reads PreferenceDataModule's signature to build its parser, for `--help` too. The module
+# has no `from __future__ import annotations` for the same reason: jsonargparse evaluates string
+# annotations by running the TYPE_CHECKING block below; the datasets names are quoted instead.
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
+
+
+class InMemoryDataset(Protocol):
+    """A ``datasets.Dataset`` or ``DatasetDict`` passed in Python (a structural type, so that the
+    signature the CLI reads names no ``datasets`` class)."""
+
+    @property
+    def column_names(self) -> Any: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +92,7 @@ def _shown(path: str) -> str:
 class RawData:
     """Loaded splits and, for local files, each split's files in row order (to name rows)."""
 
-    splits: DatasetDict
+    splits: "DatasetDict"
     files: dict[str, list[str]] = field(default_factory=dict)
     builder: str | None = None
     label: str | None = None  # the source in messages; None for in-memory data
@@ -165,8 +177,11 @@ def _file_problem(path: str, builder: str) -> str | None:
     return None
 
 
-def _read_files(builder: str, files: dict[str, list[str]]) -> DatasetDict:
+def _read_files(builder: str, files: dict[str, list[str]]) -> "DatasetDict":
     """``load_dataset(builder, data_files=files)``, with a broken file named in one line."""
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
+
     for found in files.values():
         for path in found:
             if not Path(path).is_file():
@@ -196,7 +211,9 @@ def _read_files(builder: str, files: dict[str, list[str]]) -> DatasetDict:
         noisy.setLevel(level)
 
 
-def _load_hub(source: str, config_name: str | None) -> DatasetDict:
+def _load_hub(source: str, config_name: str | None) -> "DatasetDict":
+    from datasets import load_dataset
+
     check_source(source, "dataset", cached=True)  # offline mode if the Hub is unreachable
     try:
         return load_dataset(source, config_name)
@@ -204,7 +221,9 @@ def _load_hub(source: str, config_name: str | None) -> DatasetDict:
         raise ConnectionError(f"{' '.join(str(error).split())}; {offline_hint('dataset', source)}") from error
 
 
-def _load(source: str | dict[str, str] | Dataset | DatasetDict, config_name: str | None = None) -> RawData:
+def _load(source: str | dict[str, str] | InMemoryDataset, config_name: str | None = None) -> RawData:
+    from datasets import Dataset, DatasetDict, load_from_disk
+
     if isinstance(source, DatasetDict):
         return RawData(source)
     if isinstance(source, Dataset):
@@ -213,6 +232,11 @@ def _load(source: str | dict[str, str] | Dataset | DatasetDict, config_name: str
         files = {split: [str(Path(f).expanduser())] for split, f in source.items()}
         builder = _one_builder(files, "data files")
         return RawData(_read_files(builder, files), files, builder, "the data files")
+    if not isinstance(source, str):
+        raise TypeError(
+            "dataset must be a name, a path, a {split: file} mapping or a datasets.Dataset / DatasetDict, "
+            f"got {type(source).__name__}"
+        )
     path = Path(source).expanduser()
     if path.is_dir():
         if any((path / f).exists() for f in ("dataset_dict.json", "dataset_info.json", "state.json")):
@@ -241,7 +265,7 @@ def _load(source: str | dict[str, str] | Dataset | DatasetDict, config_name: str
     return RawData(_load_hub(source, config_name), label=source)
 
 
-def load_raw(source: str | dict[str, str] | Dataset | DatasetDict, config_name: str | None = None) -> DatasetDict:
+def load_raw(source: str | dict[str, str] | InMemoryDataset, config_name: str | None = None) -> "DatasetDict":
     """Load ``source`` as a ``DatasetDict``.
 
     ``source`` may be an in-memory ``Dataset``/``DatasetDict``; a ``{split: file}`` mapping; a
@@ -336,7 +360,7 @@ class PreferenceDataModule(LightningDataModule):
 
     def __init__(
         self,
-        dataset: str | dict[str, str] | Dataset | DatasetDict = "lit_pref.tasks:mood_preferences",
+        dataset: str | dict[str, str] | InMemoryDataset = "lit_pref.tasks:mood_preferences",
         dataset_config: str | None = None,
         train_split: str = "train",
         val_split: str | None = "test",
@@ -410,7 +434,7 @@ class PreferenceDataModule(LightningDataModule):
         raise ValueError("PreferenceDataModule needs target= when used without a lit_pref module")
 
     # --------------------------------------------------------------- building
-    def _raw_splits(self) -> dict[str, Dataset]:
+    def _raw_splits(self) -> dict[str, "Dataset"]:
         self._raw = raw = _load(self.source, self.dataset_config)
         if self.train_split not in raw.splits:
             raise DataFormatError(f"split {self.train_split!r} not found; the dataset has {sorted(raw.splits)}")
@@ -437,6 +461,8 @@ class PreferenceDataModule(LightningDataModule):
 
     def _file_offsets(self, source_split: str) -> list[int]:
         """First row of each file of a multi-file split (read only when a row must be named)."""
+        from datasets import load_dataset
+
         raw = self._raw
         assert raw is not None and raw.builder is not None
         if source_split not in self._offsets:
@@ -503,7 +529,7 @@ class PreferenceDataModule(LightningDataModule):
         label = raw.label if raw is not None and raw.label is not None else "the dataset"
         return f"split {source_split!r} of {label}"
 
-    def build_split(self, name: str, raw: Dataset) -> Dataset:
+    def build_split(self, name: str, raw: "Dataset") -> "Dataset":
         """Validate, convert, tokenise and truncate one split; log what happened to it."""
         target = self.data_target
         if len(raw) == 0:

@@ -9,8 +9,10 @@ mismatched pairs can be precomputed and cached like any other per-row value.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from datasets import Dataset
+if TYPE_CHECKING:  # for annotations: datasets loads with the data (see lit_pref.data.datamodule)
+    from datasets import Dataset
 
 KL_COLUMN = "kl_completion_input_ids"
 

@@ -32,6 +32,7 @@ from lit_pref.metrics import MetricGroup
 from lit_pref.models import (
     apply_lora,
     disable_dropout,
+    enable_activation_checkpointing,
     is_adapter_dir,
     is_peft_model,
     load_adapter_model,
@@ -154,7 +155,7 @@ class AlignmentModule(LightningModule):
         else:
             policy = load_causal_lm(self.model_source, self.dtype_name, self.attn_implementation)
         if self.gradient_checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(policy)
             policy.config.use_cache = False
         if self.peft_config is not None:
             policy = apply_lora(policy, self.peft_config)
@@ -323,7 +324,10 @@ class AlignmentModule(LightningModule):
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
         if values:
-            self.log_dict(values, on_step=False, on_epoch=True, sync_dist=False, batch_size=1)
+            # Already means over every rank; sync_dist=True averages these equal values once more
+            # (one small collective per validation) and tells Lightning so, which otherwise warns
+            # under DDP, once per metric, that epoch-level values should be synced.
+            self.log_dict(values, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
 
     def check_alarms(self, values: dict[str, Tensor]) -> None:
         """Warn on a loss still at its untrained value (non-finite losses stop the run before the

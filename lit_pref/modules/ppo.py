@@ -20,12 +20,12 @@ from lit_pref.losses.ppo import (
     kl_penalty,
     token_rewards,
 )
-from lit_pref.models import disable_dropout, is_adapter_dir
+from lit_pref.models import disable_dropout, enable_activation_checkpointing, is_adapter_dir
 from lit_pref.modules.online import OnlineRLModule
 from lit_pref.ops import completion_hidden, decoder_and_head, hidden_logps, masked_mean, masked_whiten
 from lit_pref.rollout import CompletionTensors, Rollout, score_in_chunks
 from lit_pref.scoring import ValueModel, values_from_hidden, zero_value_head
-from lit_pref.types import CausalLM, CompletionBatch, CompletionLogps
+from lit_pref.types import CompletionBatch, CompletionLogps
 
 
 @dataclass
@@ -182,8 +182,7 @@ class PPO(OnlineRLModule["PPOTensors"]):
         if self.zero_dropout:
             disable_dropout(self.value_model)
         if self.gradient_checkpointing:
-            backbone: CausalLM = self.value_model.backbone
-            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(self.value_model.backbone)
         self.value_model.train()
 
     def load_value_model(self) -> ValueModel:

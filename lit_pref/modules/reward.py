@@ -11,7 +11,14 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lit_pref.losses.reward import reward_loss
-from lit_pref.models import apply_lora, disable_dropout, is_adapter_dir, load_adapter_model, load_causal_lm
+from lit_pref.models import (
+    apply_lora,
+    disable_dropout,
+    enable_activation_checkpointing,
+    is_adapter_dir,
+    load_adapter_model,
+    load_causal_lm,
+)
 from lit_pref.modules.base import AlignmentModule
 from lit_pref.scoring import (
     has_value_head,
@@ -130,7 +137,7 @@ class RewardModel(AlignmentModule):
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         if self.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
             model.config.use_cache = False
         if self.peft_config is not None:
             model = apply_lora(model, self.peft_config)
