@@ -203,3 +203,15 @@ def test_a_second_run_waits_for_the_cache_being_computed_and_reuses_it(tmp_path)
     thread.join()
     assert events == ["first computes", "first saved", "second looks"]
     assert loaded is not None and torch.equal(loaded, torch.ones(3, 2))
+
+
+def test_a_missing_local_model_path_fails_at_once_in_the_python_api(tmp_path, monkeypatch):
+    """Not retried as a hub id for a minute: one line naming the path (outputs/ exists here)."""
+    from lit_pref.models import load_causal_lm
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"tokenizer 'outputs/does-not-exist' does not exist \(.*outputs exists"):
+        DPO(model_name_or_path="outputs/does-not-exist")
+    with pytest.raises(FileNotFoundError, match=r"model './nope' does not exist"):
+        load_causal_lm("./nope")
