@@ -199,3 +199,28 @@ def test_find_last_checkpoint_takes_the_newest_of_this_run(tmp_path):
     assert find_last_checkpoint([tmp_path], "other") == tmp_path / "last-v1.ckpt"
     with pytest.raises(FileNotFoundError, match="saved by other runs"):
         find_last_checkpoint([tmp_path], "a third run")
+
+
+def test_fit_runs_outside_the_main_thread(tiny_lm_dir, tmp_path):
+    """Signal handlers can only be set in the main thread: elsewhere the run trains without them."""
+    import threading
+
+    result: dict[str, object] = {}
+
+    def fit() -> None:
+        try:
+            module = DPO(model_name_or_path=str(tiny_lm_dir), optimizer=partial(torch.optim.AdamW, lr=1e-3))
+            trainer = L.Trainer(
+                max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+            )  # fmt: skip
+            data = PreferenceDataModule("lit_pref.tasks:mood_preferences", batch_size=2, max_train_samples=4, val_split=None)
+            trainer.fit(module, data)
+            result["steps"] = trainer.global_step
+        except Exception as error:  # reported to the test thread
+            result["error"] = error
+
+    thread = threading.Thread(target=fit)
+    thread.start()
+    thread.join()
+    assert result == {"steps": 2}

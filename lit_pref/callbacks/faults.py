@@ -12,6 +12,7 @@ import os
 import signal
 import statistics
 import sys
+import threading
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,8 @@ class CheckpointOnSignal(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.received = None
         self.saved = None
-        self._previous_sigint = signal.signal(signal.SIGINT, self._first_sigint)
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            self._previous_sigint = signal.signal(signal.SIGINT, self._first_sigint)
 
     def _first_sigint(self, signum: int, frame: Any) -> None:
         # The next Ctrl-C interrupts at once; this one stops at the end of the step, through
