@@ -56,7 +56,6 @@ class ResumableSampler(DistributedSampler):
         self.epoch = epoch
         self.start_batch = 0  # where the current pass began (non-zero only for a resumed pass)
         self.batches_trained = 0  # batches of the current pass already trained on
-        self._passes = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Ignored: the sampler counts its own epochs (see the class docstring)."""
@@ -64,10 +63,9 @@ class ResumableSampler(DistributedSampler):
     def __iter__(self) -> Iterator[int]:
         # A pass that trained on nothing is started again, not skipped: resumed at the very end
         # of an epoch, the trainer makes an iterator, finds the epoch done and makes another.
-        if self._passes and self.batches_trained:
+        if self.batches_trained:
             self.epoch += 1
             self.start_batch = 0
-        self._passes += 1
         self.batches_trained = 0
         indices = list(super().__iter__())
         # The length (and so the trainer's batches per epoch) stays the full epoch's: a resumed
@@ -97,7 +95,7 @@ class ResumableSampler(DistributedSampler):
             batch = 0
         if batch >= self.batches_per_epoch():
             epoch, batch = epoch + 1, 0
-        self.epoch, self.start_batch, self._passes = epoch, batch, 0
+        self.epoch, self.start_batch, self.batches_trained = epoch, batch, 0
 
 
 class ResumableLoader(DataLoader):
