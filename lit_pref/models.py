@@ -14,16 +14,6 @@ from transformers.utils import logging as transformers_logging
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def check_local(source: str, what: str) -> None:
-    """A path that can only be local and does not exist fails now, in one line naming it, rather
-    than after the Hub libraries have retried it as a repository id."""
-    # Here, not at the top: lit_pref.data imports this module (the data module loads tokenizers).
-    from lit_pref.data.sources import looks_local, missing_path_message
-
-    if not Path(source).expanduser().exists() and looks_local(source):
-        raise FileNotFoundError(missing_path_message(what, source))
-
-
 def load_tokenizer(source: str | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """A tokenizer from a hub id or local path (or as given), with a pad token guaranteed.
 
@@ -31,6 +21,9 @@ def load_tokenizer(source: str | PreTrainedTokenizerBase) -> PreTrainedTokenizer
     masks by length, never by ``ids != pad``, so EOS stays a real label.
     """
     if isinstance(source, str):
+        # Here, not at the top: lit_pref.data imports this module (the data module loads tokenizers).
+        from lit_pref.data.sources import check_local
+
         check_local(source, "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(source) if isinstance(source, str) else source
     if tokenizer.pad_token is None:
@@ -64,6 +57,8 @@ def load_causal_lm(
     """A causal LM from a hub id or local path; a model object is returned as is."""
     if not isinstance(source, str):
         return source
+    from lit_pref.data.sources import check_local
+
     check_local(source, "model")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")

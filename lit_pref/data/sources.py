@@ -102,6 +102,13 @@ def offline_hint(what: str, source: str) -> str:
     )
 
 
+def check_local(source: str, what: str) -> None:
+    """A path that can only be local and does not exist fails now, in one line naming it, rather
+    than after the Hub libraries have retried it as a repository id."""
+    if not Path(source).expanduser().exists() and looks_local(source):
+        raise FileNotFoundError(missing_path_message(what, source))
+
+
 def check_source(source: str, what: str, *, cached: bool = False) -> None:
     """Fail fast on a source that cannot be loaded.
 
@@ -113,8 +120,7 @@ def check_source(source: str, what: str, *, cached: bool = False) -> None:
     """
     if Path(source).expanduser().exists():
         return
-    if looks_local(source):
-        raise FileNotFoundError(missing_path_message(what, source))
+    check_local(source, what)
     if not hub_offline() and not hub_reachable():
         go_offline()
     if hub_offline() and not cached:
