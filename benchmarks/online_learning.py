@@ -26,12 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from rl_helpers import held_out_prompts, make_trainer, mood_sft_model
+from rl_helpers import held_out_prompts, make_trainer, mood_sft_model, sampled_kl
 
 from lit_pref import tasks
 from lit_pref.data.datamodule import PreferenceDataModule
 from lit_pref.engines import GenerateEngine, GenerationSettings
-from lit_pref.ops import completion_logps
 from lit_pref.rollout import generate_rollout
 from lit_pref.tiny import save_tiny_model
 
@@ -64,9 +63,7 @@ def evaluate(policy: Any, start: Any, tokenizer: Any, seed: int = 1234) -> tuple
     torch.manual_seed(seed)
     rollout = generate_rollout(GenerateEngine(), policy, batch, GenerationSettings(max_new_tokens=12), tokenizer, 4)
     rewards = tasks.mood_reward(rollout.completion_prompts(), rollout.completions)
-    policy_logps = completion_logps(policy, **rollout.batch()).sum
-    start_logps = completion_logps(start, **rollout.batch()).sum
-    return sum(rewards) / len(rewards), float((policy_logps - start_logps).mean())
+    return sum(rewards) / len(rewards), sampled_kl(policy, start, rollout)
 
 
 def run(name: str, sft: Path, rollouts: int, root: Path) -> dict[str, float]:

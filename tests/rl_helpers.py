@@ -13,6 +13,7 @@ from lit_pref.data.datamodule import PreferenceDataModule
 from lit_pref.data.tokenize import encode_prompt
 from lit_pref.engines import GenerateEngine, GenerationSettings
 from lit_pref.modules import SFT
+from lit_pref.ops import completion_logps
 from lit_pref.rollout import generate_rollout
 
 
@@ -70,6 +71,14 @@ def held_out_prompts(tokenizer) -> dict:
         "prompt_attention_mask": torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded]),
         "prompt": prompts,
     }
+
+
+@torch.no_grad()
+def sampled_kl(policy, start, rollout) -> float:
+    """k1 estimate of KL(π ‖ π_start) per completion: the mean of log π(y|x) − log π_start(y|x)
+    over ``rollout``'s completions (sampled from π)."""
+    batch = rollout.batch()
+    return float((completion_logps(policy, **batch).sum - completion_logps(start, **batch).sum).mean())
 
 
 @torch.no_grad()

@@ -13,14 +13,13 @@ import lightning as L
 import pytest
 import torch
 from cli_helpers import run_config
-from rl_helpers import StepsPerBatch, held_out_prompts, make_trainer, mean_reward, prompts_data
+from rl_helpers import StepsPerBatch, held_out_prompts, make_trainer, mean_reward, prompts_data, sampled_kl
 
 from lit_pref import tasks
 from lit_pref.data.tokenize import encode_completion, encode_prompt
 from lit_pref.losses.rft import rft_loss, select_completions
 from lit_pref.modules import SFT
 from lit_pref.modules.rft import RFT, IterativeSFT, RFTTensors
-from lit_pref.ops import batch_logps
 
 MOOD = "lit_pref.tasks:mood_reward"
 
@@ -339,14 +338,10 @@ def test_shipped_config_runs_through_the_cli(in_project):
 
 
 # ----------------------------------------------------------------- learning
-@torch.no_grad()
 def kl_to_start(module, start) -> float:
-    """k1 estimate of KL(π ‖ π_start) per completion, on 4 samples of the trained policy for each
-    held-out prompt."""
+    """:func:`sampled_kl` on 4 samples of the trained policy for each held-out prompt."""
     rollout = module.sample(held_out_prompts(module.tokenizer), num_generations=4)
-    policy = module.logps(module.policy, rollout.batch()).sum
-    reference = batch_logps(start, rollout.batch()).sum
-    return float((policy - reference).mean())
+    return sampled_kl(module.policy, start, rollout)
 
 
 def test_rft_raises_the_task_reward(sft_dir, tmp_path):
