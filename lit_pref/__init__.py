@@ -38,10 +38,13 @@ _EXPORTS: dict[str, str] = {
     "OnlineDPO": "lit_pref.modules.online_dpo",
     "RFT": "lit_pref.modules.rft",
     "IterativeSFT": "lit_pref.modules.rft",
+    "DDPO": "lit_pref.modules.ddpo",
+    "DiffusionDPO": "lit_pref.modules.diffusion_dpo",
     # The reference component and the rollout engines.
     "Reference": "lit_pref.reference",
     "RolloutEngine": "lit_pref.engines.base",
     "GenerateEngine": "lit_pref.engines.generate",
+    "VLLMEngine": "lit_pref.engines.vllm",
     # Data.
     "PreferenceDataModule": "lit_pref.data.datamodule",
     # Rewards and scoring.
@@ -65,12 +68,15 @@ _EXPORTS: dict[str, str] = {
     "generate": "lit_pref.evaluation",
     "mean_score": "lit_pref.evaluation",
     "save_tiny_model": "lit_pref.tiny",
+    "save_tiny_vlm": "lit_pref.tiny",
+    "save_tiny_diffusion_pipeline": "lit_pref.tiny",
 }
 
 # Literal, so static tools read it; a test checks it matches _EXPORTS.
 __all__ = [
     "BCO",
     "CPO",
+    "DDPO",
     "DPO",
     "GRPO",
     "KTO",
@@ -81,6 +87,7 @@ __all__ = [
     "AlignmentModule",
     "CheckpointOnSignal",
     "CompletionLogps",
+    "DiffusionDPO",
     "FSDP2Strategy",
     "GenerateEngine",
     "IterativeSFT",
@@ -100,12 +107,15 @@ __all__ = [
     "SampleTable",
     "StopOnDivergence",
     "TrainingDiverged",
+    "VLLMEngine",
     "__version__",
     "completion_logps",
     "generate",
     "mean_score",
     "preference_accuracy",
+    "save_tiny_diffusion_pipeline",
     "save_tiny_model",
+    "save_tiny_vlm",
 ]
 
 
@@ -132,10 +142,13 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real objects
     from lit_pref.distributed import FSDP2Strategy
     from lit_pref.engines.base import RolloutEngine
     from lit_pref.engines.generate import GenerateEngine
+    from lit_pref.engines.vllm import VLLMEngine
     from lit_pref.evaluation import generate, mean_score, preference_accuracy
     from lit_pref.modules.base import AlignmentModule
     from lit_pref.modules.bco import BCO
     from lit_pref.modules.cpo import CPO
+    from lit_pref.modules.ddpo import DDPO
+    from lit_pref.modules.diffusion_dpo import DiffusionDPO
     from lit_pref.modules.dpo import DPO
     from lit_pref.modules.grpo import GRPO
     from lit_pref.modules.kto import KTO
@@ -151,5 +164,5 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real objects
     from lit_pref.reference import Reference
     from lit_pref.rewards import RewardSet
     from lit_pref.scoring import RewardScorer
-    from lit_pref.tiny import save_tiny_model
+    from lit_pref.tiny import save_tiny_diffusion_pipeline, save_tiny_model, save_tiny_vlm
     from lit_pref.types import CompletionLogps

@@ -8,13 +8,17 @@ the values; positions where the mask is 0 never influence a result.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from lit_pref.types import CausalLM, CompletionBatch, CompletionLogps
+from lit_pref.vision.modeling import check_vision_inputs, multimodal_decoder
+from lit_pref.vision.processing import repeat_vision_inputs
+
+PackedAttention = Literal["auto", "mask", "position_ids"]
 
 
 def masked_sum(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -94,8 +98,11 @@ def _token_logps_chunk(
 
 
 def decoder_and_head(model: CausalLM) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """A causal LM's decoder (no LM head) and its LM head, the two halves of the log-prob path."""
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    """A causal LM's decoder (no LM head) and its LM head, the two halves of the log-prob path.
+
+    A vision-language model's decoder is its multimodal one, which encodes the images too.
+    """
+    decoder, head = multimodal_decoder(model) or model.get_decoder(), model.get_output_embeddings()
     if decoder is model or head is None:
         raise TypeError(
             f"{type(model).__name__} does not expose a decoder and an LM head separately "
@@ -104,7 +111,18 @@ def decoder_and_head(model: CausalLM) -> tuple[torch.nn.Module, torch.nn.Module]
     return decoder, head
 
 
-def _cache_argument(decoder: torch.nn.Module) -> str:
+def is_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether ``model`` recomputes activations in backward (which disables the KV cache).
+
+    transformers 5.20 renamed ``is_gradient_checkpointing`` to ``is_activation_checkpointing`` (the
+    old name warns); earlier 5.x releases (vLLM's pin) know only the old one.
+    """
+    if hasattr(model, "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
+def cache_argument(decoder: torch.nn.Module) -> str:
     """The name under which ``decoder`` takes and returns its KV cache.
 
     transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name still works, with a
@@ -120,6 +138,8 @@ def completion_hidden(
     completion_input_ids: Tensor,
     completion_attention_mask: Tensor,
     share_prompt: bool = True,
+    vision_inputs: dict[str, Tensor] | None = None,
+    image_counts: Tensor | None = None,
 ) -> Tensor:
     """The decoder half of the log-prob path: hidden states that predict each completion token, ``[Bc, L, H]``.
 
@@ -127,8 +147,14 @@ def completion_hidden(
     contiguous and column ``P - 1`` is always the last prompt token. :func:`completion_logps`
     feeds them to the LM head; a value head (PPO) reads the same states. ``share_prompt`` is
     ignored under gradient checkpointing (which disables the KV cache).
+
+    ``vision_inputs`` (``pixel_values``…, the prompts' images in row order) go to the prompt's
+    forward pass, so with a shared prompt the vision encoder runs once per prompt and the cached
+    image tokens serve every completion; ``image_counts`` (``[Bp]`` images per prompt) lets the
+    concatenated pass repeat them with the prompts.
     """
-    share_prompt = share_prompt and not getattr(decoder, "is_activation_checkpointing", False)
+    vision = vision_inputs or {}
+    share_prompt = share_prompt and not is_checkpointing(decoder)
     k = completion_input_ids.shape[0] // prompt_input_ids.shape[0]
     if share_prompt and k > 1:
         # The prompt is encoded once and its key/value cache reused by all k completions: the
@@ -138,8 +164,9 @@ def completion_hidden(
             attention_mask=prompt_attention_mask,
             position_ids=position_ids_from_mask(prompt_attention_mask),
             use_cache=True,
+            **vision,
         )
-        cache_name = _cache_argument(decoder)
+        cache_name = cache_argument(decoder)
         cache = getattr(prompt_out, cache_name)
         cache.batch_repeat_interleave(k)
         prompt_mask = prompt_attention_mask.repeat_interleave(k, 0)
@@ -155,12 +182,17 @@ def completion_hidden(
         last_prompt = prompt_out.last_hidden_state[:, -1:].repeat_interleave(k, 0)
         return torch.cat([last_prompt, completion_out.last_hidden_state[:, :-1]], 1)
     prompt_ids = prompt_input_ids.repeat_interleave(k, 0)
+    if vision and k > 1:
+        if image_counts is None:
+            raise ValueError("repeating the prompts' images needs image_counts (images per prompt)")
+        vision = repeat_vision_inputs(vision, image_counts, k)
     attention_mask = torch.cat([prompt_attention_mask.repeat_interleave(k, 0), completion_attention_mask], 1)
     hidden = decoder(
         input_ids=torch.cat([prompt_ids, completion_input_ids], 1),
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
+        **vision,
     ).last_hidden_state
     prompt_len = prompt_ids.shape[1]
     return hidden[:, prompt_len - 1 : -1]
@@ -181,6 +213,8 @@ def completion_logps(
     with_sq_norm: bool = False,
     with_argmax: bool = False,
     entropy_grad: bool = False,
+    vision_inputs: dict[str, Tensor] | None = None,
+    image_counts: Tensor | None = None,
 ) -> CompletionLogps:
     """Per-token log-probs of completions given prompts: the one log-prob path of lit_pref.
 
@@ -203,6 +237,9 @@ def completion_logps(
         with_argmax: also return the most likely token at each position (token accuracy).
         entropy_grad: keep the entropy's gradient (an entropy bonus in the loss); computed in
             the same chunk as the log-probs, so no second pass over the LM head.
+        vision_inputs: a vision-language model's image inputs for the prompts (the batch's
+            ``vision_inputs``: ``pixel_values``…), encoded with the prompt pass.
+        image_counts: ``[Bp]`` images per prompt (needed to repeat them when the prompt is not shared).
     """
     if completion_input_ids.shape[0] % prompt_input_ids.shape[0]:
         raise ValueError(
@@ -210,7 +247,8 @@ def completion_logps(
             f"{prompt_input_ids.shape[0]} prompts"
         )
     decoder, head = decoder_and_head(model)
-    share_prompt = share_prompt and not getattr(model, "is_activation_checkpointing", False)
+    check_vision_inputs(decoder, prompt_input_ids, vision_inputs)
+    share_prompt = share_prompt and not is_checkpointing(model)
     hidden = completion_hidden(
         decoder,
         prompt_input_ids,
@@ -218,6 +256,8 @@ def completion_logps(
         completion_input_ids,
         completion_attention_mask,
         share_prompt,
+        vision_inputs,
+        image_counts,
     )
     mask = completion_attention_mask if completion_mask is None else completion_mask
     return hidden_logps(
@@ -234,8 +274,14 @@ def completion_logps(
     )
 
 
-def batch_logps(model: torch.nn.Module, batch: CompletionBatch, **kwargs: Any) -> CompletionLogps:
-    """:func:`completion_logps` of a collated batch (its ``completion_mask`` counted when present)."""
+def batch_logps(
+    model: torch.nn.Module, batch: CompletionBatch, packed_attention: PackedAttention = "auto", **kwargs: Any
+) -> CompletionLogps:
+    """:func:`completion_logps` of a collated batch (its ``completion_mask`` counted when present),
+    or :func:`packed_logps` of a padding-free one (``packing: true``), with ``packed_attention``."""
+    if "packed_source" in batch:
+        kwargs.pop("share_prompt", None)  # the packed layout always encodes each prompt once
+        return packed_logps(model, batch, attention=packed_attention, **kwargs)
     return completion_logps(
         model,
         batch["prompt_input_ids"],
@@ -243,6 +289,8 @@ def batch_logps(model: torch.nn.Module, batch: CompletionBatch, **kwargs: Any) -
         batch["completion_input_ids"],
         batch["completion_attention_mask"],
         batch.get("completion_mask"),
+        vision_inputs=batch.get("vision_inputs"),
+        image_counts=batch.get("image_counts"),
         **kwargs,
     )
 
@@ -303,3 +351,81 @@ def hidden_logps(
         log_sq_norm=scatter(3) if with_sq_norm else None,
         argmax=scatter(4) if with_argmax else None,
     )
+
+
+def block_causal_mask(sequence_ids: Tensor, dtype: torch.dtype = torch.bool, branch_ids: Tensor | None = None) -> Tensor:
+    """``[R, 1, T, T]`` attention mask: causal within each segment, nothing across segments.
+
+    Query ``q`` may attend to key ``k`` when both lie in the same example and ``k ≤ q``; with
+    ``branch_ids`` (prompt 0, completions 1, 2, …) also only when ``k`` is a prompt token or in
+    ``q``'s own completion. A padding position attends to itself only, so no softmax row is
+    empty. With ``dtype=torch.bool`` the mask is True where attention is allowed (SDPA's format);
+    with a floating dtype it is additive, 0 where allowed and the dtype's most negative value
+    elsewhere (eager attention's format).
+    """
+    width = sequence_ids.shape[-1]
+    positions = torch.arange(width, device=sequence_ids.device)
+    causal = positions[None, :] <= positions[:, None]
+    same = (sequence_ids[:, :, None] == sequence_ids[:, None, :]) & (sequence_ids[:, :, None] >= 0)
+    if branch_ids is not None:
+        same &= (branch_ids[:, None, :] == 0) | (branch_ids[:, None, :] == branch_ids[:, :, None])
+    allowed = (same & causal) | torch.eye(width, dtype=torch.bool, device=sequence_ids.device)
+    allowed = allowed[:, None]
+    if dtype == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=sequence_ids.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+def packed_logps(
+    model: torch.nn.Module,
+    batch: CompletionBatch,
+    *,
+    attention: PackedAttention = "auto",
+    **head_kwargs: Any,
+) -> CompletionLogps:
+    """The log-prob path of a padding-free batch (:mod:`lit_pref.data.packing`), returned in the
+    padded completion layout, so every loss reads it exactly as :func:`completion_logps`' output.
+
+    One forward pass over the packed sequences: each prompt once, each completion after it with
+    its own positions, kept apart by the branch-aware :func:`block_causal_mask`. The hidden state
+    that predicts each completion token is then gathered (``packed_source``) and the LM head runs,
+    in chunks, on counted tokens only.
+
+    Args:
+        model: a causal LM.
+        batch: a batch from :class:`~lit_pref.data.packing.PackingCollator`.
+        attention: ``mask`` passes the ``[R, 1, T, T]`` mask (eager / SDPA attention);
+            ``position_ids`` passes none and lets ``transformers`` find the sequences from the
+            restarting position ids (flash-attention's varlen path), which only holds for one
+            completion per prompt; ``auto`` picks ``mask`` for eager and SDPA attention, else
+            ``position_ids`` (an error for pairs).
+        **head_kwargs: ``chunk_size``, ``temperature``, ``with_entropy``… of :func:`hidden_logps`.
+    """
+    if batch.get("vision_inputs") is not None:
+        raise ValueError("packing does not take image inputs yet; use the padded layout (packing: false)")
+    decoder, head = decoder_and_head(model)
+    implementation = str(getattr(model.config, "_attn_implementation", None) or "sdpa")
+    if attention == "auto":
+        attention = "mask" if implementation in ("eager", "sdpa") else "position_ids"
+    branches: Tensor = batch["packed_branch_ids"]
+    sequences: Tensor = batch["packed_sequence_ids"]
+    mask = None
+    if attention == "mask":
+        # Eager attention adds the mask to its scores; SDPA takes booleans (True: attend).
+        mask = block_causal_mask(sequences, torch.float32 if implementation == "eager" else torch.bool, branches)
+    elif int(branches.max()) > 1:
+        raise ValueError(
+            f"packed prompts with several completions need the attention mask (eager or sdpa attention, "
+            f"the model uses {implementation!r}): position ids alone cannot keep a prompt's completions apart"
+        )
+    hidden = decoder(
+        input_ids=batch["packed_input_ids"],
+        attention_mask=mask,
+        position_ids=batch["packed_position_ids"],
+        use_cache=False,
+    ).last_hidden_state
+    completion_states = hidden.flatten(0, 1)[batch["packed_source"]]
+    counted = batch.get("completion_mask", batch["completion_attention_mask"])
+    return hidden_logps(head, completion_states, batch["completion_input_ids"], counted, **head_kwargs)

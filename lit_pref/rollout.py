@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from lit_pref.rewards import RewardSet
 
 # Batch keys that are model inputs; every other key of a prompt-only batch is a dataset column.
-TOKEN_KEYS = ("prompt_input_ids", "prompt_attention_mask")
+TOKEN_KEYS = ("prompt_input_ids", "prompt_attention_mask", "vision_inputs", "image_counts")
 
 
 @dataclass
@@ -52,6 +52,8 @@ class Rollout:
             list when the prompt is a conversation).
         columns: the dataset's other columns, one list entry per prompt.
         sampler_logps: ``[P·k, L]`` the engine's log-probs of the sampled tokens, when it has them.
+        vision_inputs: image prompts' processor tensors (``pixel_values``…, as the batch's), else ``None``.
+        image_counts: ``[P]`` images per prompt, with ``vision_inputs``.
     """
 
     prompt_input_ids: Tensor
@@ -64,6 +66,8 @@ class Rollout:
     completions: list[Any]
     columns: dict[str, list[Any]] = field(default_factory=dict)
     sampler_logps: Tensor | None = None
+    vision_inputs: dict[str, Tensor] | None = None
+    image_counts: Tensor | None = None
 
     @property
     def num_prompts(self) -> int:
@@ -85,12 +89,15 @@ class Rollout:
 
     def batch(self) -> CompletionBatch:
         """The rollout as a batch for :func:`lit_pref.ops.completion_logps`."""
-        return CompletionBatch(
+        batch = CompletionBatch(
             prompt_input_ids=self.prompt_input_ids,
             prompt_attention_mask=self.prompt_attention_mask,
             completion_input_ids=self.completion_input_ids,
             completion_attention_mask=self.completion_attention_mask,
         )
+        if self.vision_inputs is not None and self.image_counts is not None:
+            batch["vision_inputs"], batch["image_counts"] = self.vision_inputs, self.image_counts
+        return batch
 
     def completion_rows(self, prompt_rows: Tensor) -> Tensor:
         """Completion row indices of the given prompt rows, groups kept together and in order."""
@@ -114,7 +121,19 @@ class Rollout:
             completions=[self.completions[i] for i in c_list],
             columns={name: [values[i] for i in p_list] for name, values in self.columns.items()},
             sampler_logps=None if self.sampler_logps is None else self.sampler_logps[rows],
+            **self.vision_of(prompt_rows),
         )
+
+    def vision_of(self, prompt_rows: Tensor) -> dict[str, Any]:
+        """``vision_inputs`` / ``image_counts`` of ``prompt_rows`` (nothing for text prompts)."""
+        if self.vision_inputs is None or self.image_counts is None:
+            return {}
+        from lit_pref.vision.processing import vision_inputs_of
+
+        return {
+            "vision_inputs": vision_inputs_of(self.vision_inputs, self.image_counts, prompt_rows),
+            "image_counts": self.image_counts[prompt_rows.to(self.image_counts.device)],
+        }
 
     def chunks(self, max_completions: int) -> Iterator[Rollout]:
         """Consecutive sub-rollouts of whole prompt groups with at most ``max_completions`` rows
@@ -214,7 +233,10 @@ def generate_rollout(
         num_generations: completions per prompt.
     """
     prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-    samples = engine.sample(policy, prompt_ids, prompt_mask, num_generations, settings, tokenizer)
+    vision: dict[str, Any] = {key: batch[key] for key in ("vision_inputs", "image_counts") if key in batch}
+    if vision and not engine.takes_images:
+        raise ValueError(f"{type(engine).__name__} cannot sample from image prompts; use rollout_engine: generate")
+    samples = engine.sample(policy, prompt_ids, prompt_mask, num_generations, settings, tokenizer, **vision)
     ids, mask = samples.completion_input_ids, samples.completion_attention_mask
     prompts, columns = prompt_batch_columns(batch, tokenizer)
     return Rollout(
@@ -228,6 +250,7 @@ def generate_rollout(
         completions=decode_completions(tokenizer, ids, mask, prompts, num_generations),
         columns=columns,
         sampler_logps=samples.token_logps,
+        **vision,
     )
 
 

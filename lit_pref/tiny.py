@@ -152,5 +152,25 @@ def main(argv: list[str] | None = None) -> None:
     print(save_tiny_model(args.directory, tasks.corpus(), kind=args.kind, seed=args.seed))
 
 
+
+def save_tiny_vlm(directory: str | Path, seed: int = 0) -> Path:
+    """Build the tiny vision-language model (LLaVA-style) and its processor for the shipped visual
+    task and save both to ``directory`` (see :mod:`lit_pref.vision.tiny`; also
+    ``python -m lit_pref.vision.tiny DIR``)."""
+    from lit_pref.vision import task
+    from lit_pref.vision.tiny import save_tiny_vlm as save
+
+    return save(directory, task.corpus(), seed=seed)
+
+
+def save_tiny_diffusion_pipeline(directory: str | Path, seed: int = 0, sample_size: int = 32) -> Path:
+    """Build a tiny text-to-image pipeline (UNet, VAE, CLIP text encoder and tokenizer, DDIM) and
+    save it to ``directory`` (see :mod:`lit_pref.diffusion.tiny`; also
+    ``python -m lit_pref.diffusion.tiny DIR``; needs the ``diffusion`` extra)."""
+    from lit_pref.diffusion.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(directory, seed=seed, sample_size=sample_size)
+
+
 if __name__ == "__main__":
     main()

@@ -82,6 +82,17 @@ class CompletionBatch(TypedDict):
     completion_input_ids: Tensor  # [Bc, L]
     completion_attention_mask: Tensor  # [Bc, L]
     completion_mask: NotRequired[Tensor]  # [Bc, L] tokens whose log-prob counts (default: all real ones)
+    # Vision-language rows: the image processor's tensors for the prompts' images, in row order
+    # (``pixel_values``, ``image_grid_thw``…, passed to the prompt's forward pass), and images per prompt.
+    vision_inputs: NotRequired[dict[str, Tensor]]
+    image_counts: NotRequired[Tensor]  # [Bp]
+    # The padding-free layout (``packing: true``, :mod:`lit_pref.data.packing`): each prompt once,
+    # then its completions, in R sequences of T tokens; the forward pass runs on these.
+    packed_input_ids: NotRequired[Tensor]  # [R, T]
+    packed_position_ids: NotRequired[Tensor]  # [R, T] each completion's continue from its prompt's
+    packed_sequence_ids: NotRequired[Tensor]  # [R, T] group within the row, -1 on padding
+    packed_branch_ids: NotRequired[Tensor]  # [R, T] 0 prompt, j the j-th completion, -1 padding
+    packed_source: NotRequired[Tensor]  # [Bc, L] flat packed position predicting each completion token
 
 
 class PairedBatch(CompletionBatch):
@@ -100,16 +111,6 @@ class UnpairedBatch(CompletionBatch):
     kl_completion_attention_mask: NotRequired[Tensor]
 
 
-class PackedBatch(TypedDict):
-    """SFT rows packed into ``R`` sequences of ``T`` tokens (``packing: true``)."""
-
-    input_ids: Tensor  # [R, T]
-    position_ids: Tensor  # [R, T] restarting at 0 in every packed example
-    sequence_ids: Tensor  # [R, T] which example of the row each token belongs to
-    loss_mask: Tensor  # [R, T] tokens the NLL counts
-
-
-SFTBatch = CompletionBatch | PackedBatch
 
 
 class PromptBatch(TypedDict):
@@ -119,6 +120,8 @@ class PromptBatch(TypedDict):
     prompt_input_ids: Tensor  # [P, Lp]
     prompt_attention_mask: Tensor  # [P, Lp]
     prompt: NotRequired[list[Any]]  # text or messages per row
+    vision_inputs: NotRequired[dict[str, Tensor]]  # as in CompletionBatch
+    image_counts: NotRequired[Tensor]  # [P]
 
 
 # A transformers causal LM (``PreTrainedModel``), possibly PEFT-wrapped. Typed as ``Any``: a PEFT

@@ -288,14 +288,14 @@ def test_truncation_counts_are_kept_and_logged(tokenizer, logs):
     lengths = [len(tokenizer(r["prompt"]).input_ids) for r in rows]
     limit = sorted(lengths)[2]  # three prompts over the limit
     dm = make(Dataset.from_list(rows), tokenizer, max_prompt_length=limit, max_length=None)
-    assert dm.counts == {"train": {"truncated_prompt": 3, "truncated_completion": 0, "drop": 0, "short_prompt": 0, "bad": 0}}
+    assert dm.counts == {"train": {"truncated_prompt": 3, "truncated_completion": 0, "drop": 0, "short_prompt": 0, "bad": 0, "cut_image": 0}}
     assert all(len(p) <= limit for p in dm.splits["train"]["prompt_input_ids"])
     assert all(p[0] == tokenizer.bos_token_id for p in dm.splits["train"]["prompt_input_ids"])
     assert "train: 6 rows (paired → paired); 3 prompts and 0 completions truncated, 0 rows dropped; 6 rows kept" in logs.text
 
     logs.clear()
     dropped = make(Dataset.from_list(rows), tokenizer, max_prompt_length=limit, truncation_mode="drop")
-    assert dropped.counts["train"] == {"truncated_prompt": 0, "truncated_completion": 0, "drop": 3, "short_prompt": 0, "bad": 0}
+    assert dropped.counts["train"] == {"truncated_prompt": 0, "truncated_completion": 0, "drop": 3, "short_prompt": 0, "bad": 0, "cut_image": 0}
     assert len(dropped.splits["train"]) == 3 and dropped.splits["train"]["index"] == [0, 1, 2]
     assert "3 rows dropped; 3 rows kept" in logs.text
 

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lit_pref.vision.processing import collate_images
+
 # Scalar per-row columns that become tensors; anything else not tokenised is kept as a list.
 TENSOR_COLUMNS = {
     "label": torch.bool,
@@ -57,10 +59,13 @@ class Collator:
     Args:
         pad_token_id: id used for padding (masks, not this id, say what is real).
         pad_to_multiple_of: round padded widths up to a multiple of this (tensor-core friendly).
+        processor: a vision-language model's processor: the rows' ``images`` become the batch's
+            ``vision_inputs`` and ``image_counts`` (the ``images`` column stays, as a list).
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    processor: Any = None
 
     def _pad(self, sequences: Sequence[Sequence[int]], left: bool = False, value: int | None = None) -> Tensor:
         return pad(sequences, self.pad_token_id if value is None else value, left, self.pad_to_multiple_of)
@@ -87,6 +92,8 @@ class Collator:
             kl = [r["kl_completion_input_ids"] for r in rows]
             batch["kl_completion_input_ids"] = self._pad(kl)
             batch["kl_completion_attention_mask"] = self._pad([[1] * len(c) for c in kl], value=0)
+        if self.processor is not None and "images" in rows[0]:
+            batch.update(collate_images(self.processor, [r["images"] for r in rows]))
         for key in rows[0]:
             if key in TOKEN_COLUMNS:
                 continue

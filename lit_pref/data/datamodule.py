@@ -29,7 +29,8 @@ from lit_pref.data.packing import PackingCollator
 from lit_pref.data.sampling import count_trained_batch, resumable_loader
 from lit_pref.data.sources import check_source, looks_local, missing_path_message, offline_hint
 from lit_pref.data.tokenize import TruncationConfig, TruncationMode, tokenize_row
-from lit_pref.models import load_tokenizer
+from lit_pref.models import load_processor, load_tokenizer
+from lit_pref.vision.images import IMAGES_COLUMN, images_fingerprint
 
 # datasets (with pandas and pyarrow: half a second) is imported where data is loaded, not here: the
 # CLI reads PreferenceDataModule's signature to build its parser, for `--help` too. The module
@@ -57,7 +58,7 @@ TEXT_COLUMNS = ("prompt", "chosen", "rejected", "completion", "messages", "text"
 BadRows = Literal["error", "skip"]
 # Working columns: each row's index in its source split, and why a row is bad ("" when it is not).
 ROW, BAD = "_row", "_bad"
-FLAGS = ("truncated_prompt", "truncated_completion", "drop", "short_prompt")
+FLAGS = ("truncated_prompt", "truncated_completion", "drop", "short_prompt", "cut_image")
 SHOWN_ROWS = 10
 
 
@@ -332,7 +333,8 @@ class PreferenceDataModule(LightningDataModule):
         val_size: fraction (< 1) or number of training rows held out for validation when
             ``val_split`` is absent (0: no validation).
         tokenizer_name_or_path: the tokenizer (linked from the model in the CLI); ``None`` uses
-            the module's tokenizer.
+            the module's tokenizer. For data with an ``images`` column it names the processor
+            (``AutoProcessor``: a vision-language model's chat template, tokenizer and image processor).
         target: the shape to produce (``paired``, ``unpaired``, ``sft``, ``prompt_only``);
             ``None`` asks the module being trained.
         max_length: limit on prompt + completion tokens.
@@ -340,8 +342,11 @@ class PreferenceDataModule(LightningDataModule):
         max_completion_length: limit on completion tokens.
         truncation_mode: ``keep_end``, ``keep_start``, ``drop`` or ``error`` (see ``TruncationConfig``).
         completion_only_loss: SFT trains on completion / assistant tokens only.
-        packing: SFT only: pack each batch's examples into as few rows of ``max_length`` tokens as
-            fit (see :mod:`lit_pref.data.packing`); ``batch_size`` then counts examples, not rows.
+        packing: padding-free batches (SFT, paired and unpaired data): each prompt once, followed
+            by its completions, packed into as few sequences of ``max_length`` tokens as fit, with
+            an attention mask that keeps every completion to its own prompt (see
+            :mod:`lit_pref.data.packing`): the same log-probs as the padded layout with no padding
+            computed. ``batch_size`` still counts rows.
         batch_size: rows per training micro-batch (a paired row holds chosen and rejected).
         eval_batch_size: rows per validation batch (default: ``batch_size``).
         num_workers: data loader worker processes.
@@ -411,6 +416,8 @@ class PreferenceDataModule(LightningDataModule):
         self._origin: dict[str, str] = {}  # split built → the source split its rows come from
         self._offsets: dict[str, list[int]] = {}
         self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._processor: Any = None  # lit_pref.vision: loaded once a split has an images column
+        self._images_fingerprints: dict[str, str] = {}
 
     # ---------------------------------------------------------------- context
     @property
@@ -432,6 +439,34 @@ class PreferenceDataModule(LightningDataModule):
         if self.trainer is not None and hasattr(self.trainer.lightning_module, "data_target"):
             return str(self.trainer.lightning_module.data_target)
         raise ValueError("PreferenceDataModule needs target= when used without a lit_pref module")
+
+    # --- hook: modules that train on images (lit_pref.diffusion) check and batch their own rows.
+    @property
+    def image_rows(self) -> Any:
+        """The module's own row handling (:class:`lit_pref.diffusion.data.ImageRows`), or ``None``."""
+        return getattr(self.trainer.lightning_module, "image_rows", None) if self.trainer is not None else None
+
+    # --- vision-language data (lit_pref.vision): the processor renders and batches the images.
+    @property
+    def processor(self) -> Any:
+        """The processor of data with an ``images`` column (``None`` until such a split is built)."""
+        return self._processor
+
+    def _vision_processor(self, raw: "Dataset") -> Any:
+        """The processor ``raw``'s rows need: ``None`` without an ``images`` column."""
+        if IMAGES_COLUMN not in raw.column_names:
+            return None
+        if self._processor is None:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            source = self.tokenizer_source or getattr(module, "model_source", None)
+            if not isinstance(source, str):
+                raise ValueError(
+                    "the data has an 'images' column: PreferenceDataModule needs tokenizer_name_or_path naming "
+                    "a vision-language model's processor (AutoProcessor)"
+                )
+            self._processor = load_processor(source)
+            self._tokenizer = self._processor.tokenizer
+        return self._processor
 
     # --------------------------------------------------------------- building
     def _raw_splits(self) -> dict[str, "Dataset"]:
@@ -531,6 +566,8 @@ class PreferenceDataModule(LightningDataModule):
 
     def build_split(self, name: str, raw: "Dataset") -> "Dataset":
         """Validate, convert, tokenise and truncate one split; log what happened to it."""
+        if self.image_rows is not None:  # lit_pref.diffusion hook
+            return self.image_rows.build_split(name, raw)
         target = self.data_target
         if len(raw) == 0:
             raise DataFormatError(f"the {name} data ({self._describe_source(name)}) has no rows")
@@ -564,6 +601,7 @@ class PreferenceDataModule(LightningDataModule):
                         "target": target,
                         "truncation": self.truncation,
                         "completion_only_loss": self.completion_only_loss,
+                        "processor": self._vision_processor(ds),
                     },
                     remove_columns=text_columns,
                     num_proc=self.num_proc,
@@ -607,6 +645,11 @@ class PreferenceDataModule(LightningDataModule):
                 f"no {name} rows left: all {counts['bad']} bad rows were skipped, {counts['drop']} more dropped by "
                 f"truncation; first bad one: {self.describe_row(name, bad[0][0])}: {bad[0][1]}"
             )
+        if counts["cut_image"]:
+            rank_zero_warn(
+                f"{counts['cut_image']} of {len(raw)} {name} rows dropped: truncation would have cut into their "
+                "image tokens; raise max_length / max_prompt_length (or truncation_mode=error to stop instead)"
+            )
         if counts["truncated_completion"] > len(raw) / 2:
             rank_zero_warn(
                 f"{counts['truncated_completion']} of {len(raw)} {name} completions were truncated: most of "
@@ -639,6 +682,9 @@ class PreferenceDataModule(LightningDataModule):
 
     def log_example(self, row: dict[str, Any]) -> None:
         """Show one decoded training row with the trained completion tokens in ⟦brackets⟧."""
+        if self.image_rows is not None:  # lit_pref.diffusion hook
+            rank_zero_info(self.image_rows.describe(row))
+            return
         decode = self.tokenizer.decode
         text = decode(row["prompt_input_ids"])
         for key in ("chosen_input_ids", "rejected_input_ids", "completion_input_ids"):
@@ -649,18 +695,28 @@ class PreferenceDataModule(LightningDataModule):
         rank_zero_info(f"example training row (completion tokens in ⟦ ⟧):\n{text}")
 
     def fingerprint(self, split: str) -> str:
-        """The datasets fingerprint of a tokenised split (a cache key for derived data)."""
-        return self.splits[split]._fingerprint
+        """The datasets fingerprint of a tokenised split (a cache key for derived data), and of its
+        images' pixels when it has any (a path's file may change under the same path)."""
+        dataset = self.splits[split]
+        if IMAGES_COLUMN not in dataset.column_names:
+            return dataset._fingerprint
+        if split not in self._images_fingerprints:
+            self._images_fingerprints[split] = images_fingerprint(dataset[IMAGES_COLUMN])
+        return f"{dataset._fingerprint}+images:{self._images_fingerprints[split]}"
 
     # ------------------------------------------------------------ dataloaders
     @property
-    def collator(self) -> Collator | PackingCollator:
+    def collator(self) -> Collator | PackingCollator | Any:
+        if self.image_rows is not None:  # lit_pref.diffusion hook
+            return self.image_rows
         if self.packing:
-            if self.data_target != "sft":
-                raise ValueError(f"packing applies to SFT data only, not to {self.data_target!r} data")
+            if self.data_target == "prompt_only":
+                raise ValueError("packing applies to rows with completions (sft, paired, unpaired), not to prompt-only data")
+            if self._processor is not None:
+                raise ValueError("packing does not take image rows yet; set packing: false")
             assert self.truncation.max_length is not None  # __init__ refuses packing without it
             return PackingCollator(self.tokenizer.pad_token_id, self.truncation.max_length, self.pad_to_multiple_of)
-        return Collator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+        return Collator(self.tokenizer.pad_token_id, self.pad_to_multiple_of, processor=self._processor)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(

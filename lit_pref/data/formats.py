@@ -10,7 +10,10 @@ Shapes (columns beyond these are passed through untouched):
 * ``language_modeling``: ``text`` or ``messages`` (SFT).
 * ``prompt_only``: ``prompt`` (PPO, GRPO).
 
-Each field is plain text or a conversation (a list of ``{"role", "content"}`` messages).
+Each field is plain text or a conversation (a list of ``{"role", "content"}`` messages). A
+message's content is text or, in vision-language rows, a list of parts (``{"type": "image"}``,
+``{"type": "text", "text": …}``); the row's ``images`` column holds one image per image part, all
+of them in the prompt.
 """
 
 from __future__ import annotations
@@ -121,17 +124,51 @@ def _check_field(value: Any, column: str, index: int, allow_empty: bool = False)
                     f"column {column!r} message {n} has role {role!r}; expected one of {', '.join(ROLES)}"
                     + _role_hint(role),
                 )
-            if not isinstance(message.get("content"), str):
+            content = message.get("content")
+            if not (isinstance(content, str) or _is_parts(content)):
                 raise row_error(
                     index,
-                    f"column {column!r} has a message whose content is "
-                    f"{type(message.get('content')).__name__}, expected str",
+                    f"column {column!r} has a message whose content is {type(content).__name__}, expected str "
+                    "or a list of {'type': 'text', 'text': str} / {'type': 'image'} parts",
                 )
         return
     if not isinstance(value, str):
         raise row_error(index, f"column {column!r} is {type(value).__name__}, expected str or a list of messages")
     if not value.strip() and not allow_empty:
         raise row_error(index, f"column {column!r} is empty")
+
+
+def _is_parts(content: Any) -> bool:
+    return isinstance(content, list) and all(
+        isinstance(p, Mapping)
+        and (p.get("type") == "image" or (p.get("type") == "text" and isinstance(p.get("text"), str)))
+        for p in content
+    )
+
+
+def count_image_parts(value: Any) -> int:
+    """``{"type": "image"}`` parts in a conversation (0 for text)."""
+    if not is_conversation(value):
+        return 0
+    return sum(
+        sum(1 for p in m["content"] if p.get("type") == "image") for m in value if isinstance(m.get("content"), list)
+    )
+
+
+def _check_images(row: dict[str, Any], index: int, prompt_columns: tuple[str, ...], answer_columns: tuple[str, ...]) -> None:
+    """A row's ``images`` match its prompt's image parts one to one, and no answer holds an image."""
+    images = row.get("images")
+    count = 0 if images is None else len(images) if isinstance(images, list | tuple) else 1
+    for column in answer_columns:
+        if count_image_parts(row[column]):
+            raise row_error(index, f"column {column!r} holds image parts; images belong in the prompt")
+    parts = sum(count_image_parts(row[column]) for column in prompt_columns)
+    if parts != count:
+        raise row_error(
+            index,
+            f"the prompt has {parts} image parts but column 'images' holds {count} images; each image part "
+            "({'type': 'image'} in a conversation's content) takes the next image",
+        )
 
 
 def split_implicit_prompt(chosen: Any, rejected: Any, index: int) -> tuple[Any, Any, Any]:
@@ -170,6 +207,8 @@ def normalise_row(row: dict[str, Any], index: int, shape: str) -> dict[str, Any]
             out["prompt"], out["chosen"], out["rejected"] = split_implicit_prompt(row["chosen"], row["rejected"], index)
         for column in ("prompt", "chosen", "rejected"):
             _check_field(out[column], column, index)
+        if "images" in row:
+            _check_images(out, index, ("prompt",), ("chosen", "rejected"))
         if "margin" in row and not isinstance(row["margin"], int | float):
             raise row_error(index, f"column 'margin' must be a number, got {type(row['margin']).__name__}")
     elif shape == "unpaired":
@@ -177,14 +216,22 @@ def normalise_row(row: dict[str, Any], index: int, shape: str) -> dict[str, Any]
             _check_field(row[column], column, index)
         if not isinstance(row["label"], bool):
             raise row_error(index, f"column 'label' must be a bool, got {row['label']!r}")
+        if "images" in row:
+            _check_images(row, index, ("prompt",), ("completion",))
     elif shape == "prompt_completion":
         for column in ("prompt", "completion"):
             _check_field(row[column], column, index)
+        if "images" in row:
+            _check_images(row, index, ("prompt",), ("completion",))
     elif shape == "language_modeling":
         column = "messages" if "messages" in row else "text"
         _check_field(row[column], column, index)
+        if "images" in row:
+            _check_images(row, index, (column,), ())
     elif shape == "prompt_only":
         _check_field(row["prompt"], "prompt", index)
+        if "images" in row:
+            _check_images(row, index, ("prompt",), ())
     return out
 
 

@@ -1,22 +1,24 @@
-"""Packing: several short supervised examples share one row, with no attention between them.
+"""Padding-free batches: each prompt once, followed by its completions, with no padding between.
 
-A batch of tokenised SFT rows (``prompt_input_ids``, ``completion_input_ids``,
-``completion_mask``) becomes a few rows of at most ``max_length`` tokens. Each example keeps its
-own positions (``position_ids`` restart at 0) and its own segment number (``sequence_ids``), so a
-model run with :func:`block_causal_mask` (or, for flash-attention kernels, with the position ids
-alone) computes for every token exactly what it would compute for the example on its own row.
+A *group* is one prompt and the completions that continue it (an SFT or unpaired row: one; a
+preference pair: chosen and rejected). Groups are laid back to back in a few rows of at most
+``max_length`` tokens (first-fit decreasing; a longer group gets a row of its own). Inside a
+group, the prompt's positions are 0 … P − 1 and every completion's continue from P, and each
+completion token attends to its own prompt and its own earlier tokens only
+(:func:`lit_pref.ops.block_causal_mask` with the branch ids): the same attention, hence the same log-probs, as
+the padded layout where each completion is concatenated with its prompt, with the prompt
+encoded once and no padding tokens computed at all.
 
-Layout of a packed batch (``R`` rows, width ``T``):
+Columns added to the padded batch (which keeps its ``completion_*`` columns: the losses read
+log-probs in that layout, see :func:`lit_pref.ops.packed_logps`):
 
-* ``input_ids`` ``[R, T]``: the examples' prompt + completion tokens back to back, then padding.
-* ``attention_mask`` ``[R, T]``: 1 on real tokens.
-* ``position_ids`` ``[R, T]``: 0, 1, … within each example (the padding tail counts from 0 too,
-  so position-id based segment detection sees it as a separate sequence).
-* ``sequence_ids`` ``[R, T]``: the example's number within its row (0, 1, …), −1 on padding.
-* ``loss_mask`` ``[R, T]``: 1 where the token is a training target (predicted from the token
-  before it in the same example); never set on an example's first token.
-* ``num_examples``: how many examples the batch holds; other per-example columns follow in
-  packing order (``index`` as a tensor).
+* ``packed_input_ids`` ``[R, T]``: the groups' tokens, then padding up to the widest row.
+* ``packed_position_ids`` ``[R, T]``: positions as above (the padding tail counts from 0).
+* ``packed_sequence_ids`` ``[R, T]``: the group's number within its row, −1 on padding.
+* ``packed_branch_ids`` ``[R, T]``: 0 on prompt tokens, ``j`` on the ``j``-th completion's, −1 on padding.
+* ``packed_source`` ``[Bc, L]``: for each token of the padded completions, the flat index
+  (``row · T + column``) of the packed position whose hidden state predicts it: the previous
+  token of the same completion, or the prompt's last token for its first one.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lit_pref.data.collate import TENSOR_COLUMNS, TOKEN_COLUMNS, pad
+from lit_pref.data.collate import Collator
 
-PACKED_COLUMNS = ("input_ids", "attention_mask", "position_ids", "sequence_ids", "loss_mask")
+PACKED_COLUMNS = ("packed_input_ids", "packed_position_ids", "packed_sequence_ids", "packed_branch_ids")
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -53,23 +55,85 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
-def is_packed(batch: dict[str, Any]) -> bool:
-    """Whether ``batch`` came from :class:`PackingCollator`."""
-    return "sequence_ids" in batch
+def is_packed(batch: Any) -> bool:
+    """Whether ``batch`` has the padding-free layout (:class:`PackingCollator`)."""
+    return "packed_source" in batch
+
+
+def pack_groups(
+    prompts: list[list[int]],
+    completions: list[list[list[int]]],
+    max_length: int,
+    pad_token_id: int,
+    pad_to_multiple_of: int | None = None,
+) -> dict[str, Tensor]:
+    """The padding-free layout (the module docstring's columns) of ``prompts[i]`` followed by
+    each of ``completions[i]``; completion rows of ``packed_source`` follow group order."""
+    if any(not prompt for prompt in prompts):
+        raise ValueError("every packed prompt needs at least one token (it predicts the first completion token)")
+    lengths = [len(p) + sum(len(c) for c in cs) for p, cs in zip(prompts, completions, strict=True)]
+    rows = first_fit_decreasing(lengths, max(max_length, *lengths))
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    sequence_ids = torch.full(shape, -1, dtype=torch.long)
+    branch_ids = torch.full(shape, -1, dtype=torch.long)
+    completion_width = max((len(c) for cs in completions for c in cs), default=0)
+    if pad_to_multiple_of:
+        completion_width = -(-completion_width // pad_to_multiple_of) * pad_to_multiple_of
+    first_completion_row = [0]
+    for cs in completions:
+        first_completion_row.append(first_completion_row[-1] + len(cs))
+    source = torch.zeros((first_completion_row[-1], completion_width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for number, i in enumerate(row):
+            prompt = prompts[i]
+            end = at + len(prompt)
+            input_ids[r, at:end] = torch.tensor(prompt)
+            position_ids[r, at:end] = torch.arange(len(prompt))
+            sequence_ids[r, at:end] = number
+            branch_ids[r, at:end] = 0
+            last_prompt = r * width + end - 1
+            for j, completion in enumerate(completions[i]):
+                start, end = end, end + len(completion)
+                input_ids[r, start:end] = torch.tensor(completion, dtype=torch.long)
+                position_ids[r, start:end] = torch.arange(len(prompt), len(prompt) + len(completion))
+                sequence_ids[r, start:end] = number
+                branch_ids[r, start:end] = j + 1
+                # Token t of the completion is predicted from token t − 1, the first from the prompt's last.
+                predictors = torch.arange(r * width + start - 1, r * width + end - 1)
+                predictors[0] = last_prompt
+                source[first_completion_row[i] + j, : len(completion)] = predictors
+            at = end
+        # The padding tail counts from 0, so position-id based segment detection sees it as a sequence of its own.
+        position_ids[r, at:] = torch.arange(width - at)
+    return {
+        "packed_input_ids": input_ids,
+        "packed_position_ids": position_ids,
+        "packed_sequence_ids": sequence_ids,
+        "packed_branch_ids": branch_ids,
+        "packed_source": source,
+    }
 
 
 @dataclass
 class PackingCollator:
-    """Collate tokenised SFT rows into packed rows of at most ``max_length`` tokens.
+    """Collate tokenised rows with completions (SFT, paired, unpaired) padding-free (``packing: true``).
 
-    The loss over a packed batch equals the loss over the same examples unpacked: every example
-    is scored on its own tokens only. ``batch_size`` in the data module counts examples, which
-    are packed into as few rows as first-fit decreasing finds.
+    The batch holds the padded columns of :class:`~lit_pref.data.collate.Collator` (the losses
+    read completions in that layout; the integer tensors cost next to nothing) plus the packed
+    layout the forward pass runs on. The log-probs, losses and gradients equal the padded path's.
+    ``batch_size`` in the data module counts rows (groups), packed into as few sequences of
+    ``max_length`` tokens as first-fit decreasing finds.
 
     Args:
         pad_token_id: id used for padding (masks, not this id, say what is real).
-        max_length: the most tokens one packed row holds.
-        pad_to_multiple_of: round the padded width up to a multiple of this.
+        max_length: the most tokens one packed sequence holds (a longer group gets its own).
+        pad_to_multiple_of: round the padded widths up to a multiple of this.
     """
 
     pad_token_id: int
@@ -78,71 +142,16 @@ class PackingCollator:
 
     def __post_init__(self) -> None:
         if self.max_length is None or self.max_length < 1:
-            raise ValueError(
-                f"packing needs a positive max_length (the packed row size), got {self.max_length}"
-            )
+            raise ValueError(f"packing needs a positive max_length (the packed row size), got {self.max_length}")
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        if "completion_input_ids" not in rows[0] or "chosen_input_ids" in rows[0]:
-            raise ValueError("packing applies to supervised (target 'sft') rows only")
-        ids, targets = [], []
-        for r in rows:
-            mask = r.get("completion_mask") or [1] * len(r["completion_input_ids"])
-            ids.append(list(r["prompt_input_ids"]) + list(r["completion_input_ids"]))
-            targets.append([0] * len(r["prompt_input_ids"]) + list(mask))
-        bins = first_fit_decreasing([len(x) for x in ids], self.max_length)
-        order = [i for b in bins for i in b]
-        packed: dict[str, list[list[int]]] = {name: [] for name in PACKED_COLUMNS}
-        for b in bins:
-            row: dict[str, list[int]] = {name: [] for name in PACKED_COLUMNS}
-            for segment, i in enumerate(b):
-                n = len(ids[i])
-                row["input_ids"] += ids[i]
-                row["attention_mask"] += [1] * n
-                row["position_ids"] += list(range(n))
-                row["sequence_ids"] += [segment] * n
-                row["loss_mask"] += [0, *targets[i][1:]]
-            for name in PACKED_COLUMNS:
-                packed[name].append(row[name])
-        width = max(len(r) for r in packed["input_ids"])
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        for name, value in (("attention_mask", 0), ("sequence_ids", -1), ("loss_mask", 0)):
-            packed[name] = [r + [value] * (width - len(r)) for r in packed[name]]
-        packed["position_ids"] = [r + list(range(width - len(r))) for r in packed["position_ids"]]
-        batch: dict[str, Any] = {
-            name: pad(
-                packed[name],
-                self.pad_token_id if name == "input_ids" else 0,
-                multiple_of=self.pad_to_multiple_of,
-            )
-            for name in PACKED_COLUMNS
-        }
-        batch["num_examples"] = len(rows)
-        for key in rows[0]:
-            if key in TOKEN_COLUMNS:
-                continue
-            values = [rows[i][key] for i in order]
-            batch[key] = torch.tensor(values, dtype=TENSOR_COLUMNS[key]) if key in TENSOR_COLUMNS else values
+        if "chosen_input_ids" in rows[0]:
+            completions = [[list(r["chosen_input_ids"]), list(r["rejected_input_ids"])] for r in rows]
+        elif "completion_input_ids" in rows[0]:
+            completions = [[list(r["completion_input_ids"])] for r in rows]
+        else:
+            raise ValueError("packing applies to rows with completions (SFT, paired, unpaired), not to prompts only")
+        batch = Collator(self.pad_token_id, self.pad_to_multiple_of)(rows)
+        prompts = [list(r["prompt_input_ids"]) for r in rows]
+        batch.update(pack_groups(prompts, completions, self.max_length, self.pad_token_id, self.pad_to_multiple_of))
         return batch
-
-
-def block_causal_mask(sequence_ids: Tensor, dtype: torch.dtype = torch.bool) -> Tensor:
-    """``[R, 1, T, T]`` attention mask: causal within each segment, nothing across segments.
-
-    Query ``q`` may attend to key ``k`` when both lie in the same example and ``k ≤ q``; a padding
-    position attends to itself only, so no softmax row is empty. With ``dtype=torch.bool`` the
-    mask is True where attention is allowed (SDPA's format); with a floating dtype it is additive,
-    0 where allowed and the dtype's most negative value elsewhere (eager attention's format).
-    """
-    width = sequence_ids.shape[-1]
-    positions = torch.arange(width, device=sequence_ids.device)
-    causal = positions[None, :] <= positions[:, None]
-    same = (sequence_ids[:, :, None] == sequence_ids[:, None, :]) & (sequence_ids[:, :, None] >= 0)
-    allowed = (same & causal) | torch.eye(width, dtype=torch.bool, device=sequence_ids.device)
-    allowed = allowed[:, None]
-    if dtype == torch.bool:
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=sequence_ids.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )

@@ -19,6 +19,8 @@ from typing import Any, Literal
 from transformers import PreTrainedTokenizerBase
 
 from lit_pref.data.formats import DataFormatError, is_conversation, row_error
+from lit_pref.vision.images import load_images
+from lit_pref.vision.processing import ImageRowTokenizer, count_image_tokens, image_token_id
 
 TruncationMode = Literal["keep_end", "keep_start", "drop", "error"]
 
@@ -234,15 +236,26 @@ def tokenize_row(
     target: str,
     truncation: TruncationConfig,
     completion_only_loss: bool = True,
+    processor: Any = None,
 ) -> dict[str, Any]:
     """Token columns for one normalised row of the shape ``target`` needs.
 
+    With a ``processor`` (vision-language models) the row's ``images`` are bound to the tokenizer:
+    the processor's chat template renders image parts and each image placeholder becomes the
+    image's tokens. Truncation that would cut into image tokens drops the row (flag
+    ``_cut_image``; ``truncation_mode: error`` raises), since the images would no longer match.
+
     Returns ``prompt_input_ids`` and, per target, ``chosen_input_ids``/``rejected_input_ids``
     (paired), ``completion_input_ids`` (unpaired), ``completion_input_ids``/``completion_mask``
-    (sft), plus the truncation flags ``_truncated_prompt``, ``_truncated_completion``, ``_drop``
-    and ``_short_prompt`` (truncation left the prompt under ``min_prompt_length`` tokens).
+    (sft), plus the truncation flags ``_truncated_prompt``, ``_truncated_completion``, ``_drop``,
+    ``_short_prompt`` (truncation left the prompt under ``min_prompt_length`` tokens) and
+    ``_cut_image``.
     """
     mask: list[int] | None = None
+    image_token = None
+    if processor is not None:
+        tokenizer = ImageRowTokenizer(processor, load_images(row.get("images")))  # type: ignore[assignment]
+        image_token = image_token_id(processor)
     if target == "sft":
         prompt_ids, completion_ids, mask = _sft_ids(tokenizer, row, index, completion_only_loss)
         completions = [completion_ids]
@@ -252,6 +265,7 @@ def tokenize_row(
         completions = [encode_completion(tokenizer, row["prompt"], row[k], prompt_ids, index) for k in keys]
     if not prompt_ids:
         raise row_error(index, "the prompt encodes to no tokens")
+    image_tokens = 0 if image_token is None else count_image_tokens([prompt_ids, *completions], image_token)
     try:
         prompt_ids, completions, flags = truncate(
             prompt_ids, completions, truncation, bos_token_id=tokenizer.bos_token_id
@@ -260,6 +274,10 @@ def tokenize_row(
         # Asked for by truncation_mode=error: never skipped as a bad row.
         raise row_error(index, str(error), skippable=False) from None
     flags["short_prompt"] = flags["truncated_prompt"] and len(prompt_ids) < truncation.prompt_floor
+    flags["cut_image"] = (
+        image_token is not None and count_image_tokens([prompt_ids, *completions], image_token) < image_tokens
+    )
+    flags["drop"] = flags["drop"] or flags["cut_image"]
     out: dict[str, Any] = {"prompt_input_ids": prompt_ids}
     if target == "paired":
         out["chosen_input_ids"], out["rejected_input_ids"] = completions

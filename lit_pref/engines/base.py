@@ -93,7 +93,13 @@ class Samples:
 
 
 class RolloutEngine(ABC):
-    """Samples completions for the online modules; subclass it to add an engine."""
+    """Samples completions for the online modules; subclass it to add an engine.
+
+    An engine that samples from image prompts (a vision-language policy) sets ``takes_images``
+    and its ``sample`` takes the batch's ``vision_inputs`` and ``image_counts`` as keywords.
+    """
+
+    takes_images: bool = False
 
     @abstractmethod
     def sample(
@@ -118,6 +124,11 @@ class RolloutEngine(ABC):
 
     def weights_changed(self, policy: torch.nn.Module) -> None:  # noqa: B027 (a no-op by default)
         """Called after every optimizer step; an engine with its own copy of the weights reloads them here."""
+
+    def metrics(self) -> dict[str, float]:
+        """What the engine measured since the last call (e.g. start-up, weight-sync and generation
+        seconds), logged by the online modules as ``train/rollout/<name>``. Empty by default."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must hold for sampling to continue identically after a resume (an

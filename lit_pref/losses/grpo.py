@@ -524,6 +524,7 @@ def grpo_policy_loss(
     entropy: Tensor | None = None,
     entropy_mask: Tensor | None = None,
     entropy_coef: float = 0.0,
+    sampler_weights: Tensor | None = None,
 ) -> GRPOLossOutput:
     """The GRPO family: a per-token surrogate, a KL penalty, a normalisation and an entropy bonus.
 
@@ -550,7 +551,10 @@ def grpo_policy_loss(
     tokens, not rescaled by the normalisation: the same ``c`` means the same for every loss type.
     Under the global-token normalisations with ``num_items_in_batch``, ``H̄`` is weighted by this
     micro-batch's share ``Σ_i |o_i| / N`` of the global tokens, so the accumulated bonus is a
-    token-weighted mean over the micro-batches.
+    token-weighted mean over the micro-batches. With ``sampler_weights`` ``w_{i,t}``
+    (:func:`~lit_pref.losses.sampler.truncated_is_weights`) the surrogate is ``w_{i,t}·ℓ_{i,t}``:
+    the rollout engine's samples re-weighted to π_old; the KL term is not weighted (as TRL's
+    ``vllm_importance_sampling_correction``).
 
     Args:
         logps: ``[B, T]`` log π of the completion tokens under the current policy.
@@ -574,6 +578,7 @@ def grpo_policy_loss(
             their gradient, for the bonus to act).
         entropy_mask: ``[B, T]`` bool, the tokens the surrogate counts (``None``: all).
         entropy_coef: c, the weight of the entropy bonus.
+        sampler_weights: ``[B, T]`` detached per-token weights of the surrogate (``None``: 1).
 
     Returns:
         :class:`GRPOLossOutput`.
@@ -602,6 +607,8 @@ def grpo_policy_loss(
     terms = spec.surrogate(ratio, safe_logps, adv, params)
     policy_keep = keep if entropy_mask is None else keep & entropy_mask.bool()
     per_token_loss = torch.where(policy_keep, terms.loss.expand_as(logps), torch.zeros_like(logps))
+    if sampler_weights is not None:
+        per_token_loss = per_token_loss * sampler_weights.detach()
     kl_mean = torch.zeros((), dtype=logps.dtype, device=logps.device)
     if beta != 0.0:
         if ref_logps is None:

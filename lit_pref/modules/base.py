@@ -35,9 +35,13 @@ from lit_pref.models import (
     enable_activation_checkpointing,
     is_adapter_dir,
     is_peft_model,
+    is_quantized,
     load_adapter_model,
     load_causal_lm,
     load_tokenizer,
+    merge_into_full_precision,
+    prepare_kbit_training,
+    quantized_layers,
 )
 from lit_pref.ops import batch_logps
 from lit_pref.resume import (
@@ -77,7 +81,14 @@ class AlignmentModule(LightningModule):
         attn_implementation: ``eager``, ``sdpa``, ``flash_attention_2``… (``None``: the model's default).
         peft: LoRA settings (``peft.LoraConfig`` fields, e.g. ``{r: 16, lora_alpha: 32,
             target_modules: all-linear}``); ``None`` trains all weights.
+        quantization: QLoRA: load the policy's base quantized by bitsandbytes, the fields of
+            ``transformers.BitsAndBytesConfig`` (e.g. ``{load_in_4bit: true, bnb_4bit_quant_type:
+            nf4, bnb_4bit_compute_dtype: bfloat16}``, or ``{load_in_8bit: true}``); needs ``peft``
+            (or an adapter directory as the policy). The base stays frozen and quantized; a frozen
+            reference loaded from a path is quantized the same way.
         gradient_checkpointing: recompute activations in backward to save memory.
+        freeze_vision_tower: a vision-language policy trains its language model only (the vision
+            tower and projector frozen); with ``peft`` the adapter skips them anyway.
         disable_dropout: zero every dropout probability (default on: preference losses compare
             forward passes, and dropout noise biases them).
         chunk_size: completion tokens per LM-head chunk in the log-prob path.
@@ -86,7 +97,9 @@ class AlignmentModule(LightningModule):
         lr_scheduler: learning-rate scheduler factory (stepped every optimizer step).
         output_dir: where the trained policy and tokenizer are saved in Hugging Face format at
             the end of fit (``None``: not saved).
-        merge_lora: merge a LoRA adapter into the weights when saving.
+        merge_lora: merge a LoRA adapter into the weights when saving (with ``quantization``:
+            into a full-precision copy of the base, loaded again from its source); ``False``
+            saves the adapter alone.
         alarm_after_steps: optimizer steps after which a loss still at its starting value is
             reported (0 disables the check). A non-finite loss or gradient stops the run (see
             :class:`~lit_pref.callbacks.faults.StopOnDivergence`, also for loss spikes).
@@ -106,7 +119,9 @@ class AlignmentModule(LightningModule):
         dtype: str = "auto",
         attn_implementation: str | None = None,
         peft: dict[str, Any] | None = None,
+        quantization: dict[str, Any] | None = None,
         gradient_checkpointing: bool = False,
+        freeze_vision_tower: bool = False,
         disable_dropout: bool = True,
         chunk_size: int = 1024,
         optimizer: OptimizerCallable | None = None,
@@ -126,7 +141,14 @@ class AlignmentModule(LightningModule):
         self.dtype_name = dtype
         self.attn_implementation = attn_implementation
         self.peft_config = peft
+        if quantization is not None and peft is None and not is_adapter_dir(model_name_or_path):
+            raise ValueError(
+                "quantization trains a LoRA adapter on the frozen quantized base: set peft (e.g. "
+                "{r: 16, lora_alpha: 32, target_modules: all-linear}) or start from an adapter directory"
+            )
+        self.quantization = quantization
         self.gradient_checkpointing = gradient_checkpointing
+        self.freeze_vision_tower = freeze_vision_tower
         self.zero_dropout = disable_dropout
         self.chunk_size = chunk_size
         self.optimizer_factory = optimizer
@@ -151,12 +173,24 @@ class AlignmentModule(LightningModule):
         if isinstance(self.model_source, str) and is_adapter_dir(self.model_source):
             if self.peft_config is not None:
                 raise ValueError("model_name_or_path is already a PEFT adapter; drop the peft settings")
-            policy = load_adapter_model(self.model_source, self.dtype_name, self.attn_implementation)
+            policy = load_adapter_model(
+                self.model_source, self.dtype_name, self.attn_implementation, quantization=self.quantization
+            )
         else:
-            policy = load_causal_lm(self.model_source, self.dtype_name, self.attn_implementation)
+            policy = load_causal_lm(
+                self.model_source, self.dtype_name, self.attn_implementation, quantization=self.quantization
+            )
+            if self.quantization is not None:
+                policy = prepare_kbit_training(policy)
         if self.gradient_checkpointing:
             enable_activation_checkpointing(policy)
             policy.config.use_cache = False
+        if self.freeze_vision_tower:
+            from lit_pref.vision.modeling import freeze_vision_tower, is_vision_language
+
+            if not is_vision_language(policy.config):
+                raise ValueError("freeze_vision_tower: the policy has no vision tower (not a vision-language model)")
+            freeze_vision_tower(policy)
         if self.peft_config is not None:
             policy = apply_lora(policy, self.peft_config)
         if self.zero_dropout:
@@ -167,14 +201,14 @@ class AlignmentModule(LightningModule):
     def load_network(self, source: str) -> torch.nn.Module:
         """A causal LM from ``source`` loaded as the policy is (dtype, attention, dropout), for the
         frozen networks a module compares with."""
-        model = load_causal_lm(source, self.dtype_name, self.attn_implementation)
+        model = load_causal_lm(source, self.dtype_name, self.attn_implementation, quantization=self.quantization)
         if self.zero_dropout:
             disable_dropout(model)
         return model
 
     def datamodule(self) -> Any:
-        """The trainer's data module (``None`` when fit was given bare data loaders)."""
-        return getattr(self.trainer, "datamodule", None)
+        """The trainer's data module (``None`` when fit was given bare data loaders, or outside a trainer)."""
+        return getattr(self._trainer, "datamodule", None)
 
     def build_networks(self) -> None:
         """Build every network the module holds; called exactly once, by :meth:`configure_model`.
@@ -206,8 +240,13 @@ class AlignmentModule(LightningModule):
         so a network built later (a reference loaded in ``on_fit_start``) calls this again.
         """
         mesh = self.device_mesh
+        zero_stage_3 = bool(getattr(self._trainer and self._trainer.strategy, "zero_stage_3", False))
+        if self.quantization is not None and (mesh is not None or zero_stage_3):
+            raise NotImplementedError(
+                "a quantized (QLoRA) policy is not supported under FSDP2 or DeepSpeed ZeRO-3 yet; use DDP"
+            )
         if mesh is None:
-            if getattr(self._trainer and self._trainer.strategy, "zero_stage_3", False):
+            if zero_stage_3:
                 # ZeRO-3 partitions the networks itself; generation must still run in lockstep.
                 for child in self.children():
                     synced_generation(child)
@@ -303,8 +342,19 @@ class AlignmentModule(LightningModule):
             "run_identity": self.run_identity,
             "loggers": logger_records(self.trainer.loggers),
         }
+        if self.quantization is not None:
+            # The quantized base is frozen and loaded again from its source: checkpoints hold the
+            # adapter, not a second copy of the base (whose packed layout load_state_dict refuses).
+            prefixes = tuple(f"{name}.weight" for name in quantized_layers(self))
+            state = checkpoint["state_dict"]
+            for key in [key for key in state if key.startswith(prefixes)]:
+                del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.quantization is not None:
+            # The base's weights as loaded (see on_save_checkpoint), so the strict load finds them.
+            for name, layer in quantized_layers(self).items():
+                checkpoint["state_dict"].setdefault(f"{name}.weight", layer.weight)
         saved = checkpoint.get(CHECKPOINT_KEY, {})
         self._resumed_rng = saved.get("rng")
         if self._resumed_rng is None:
@@ -371,6 +421,8 @@ class AlignmentModule(LightningModule):
                 raise RuntimeError(f"the gathered policy weights lack {missing[:5]}")
             return policy.merge_and_unload() if is_peft_model(policy) and self.merge_lora else policy
         if is_peft_model(policy) and self.merge_lora:
+            if is_quantized(policy):
+                return merge_into_full_precision(policy, self.dtype_name, self.attn_implementation)
             return copy.deepcopy(policy).merge_and_unload()
         return policy
 
@@ -397,6 +449,33 @@ class AlignmentModule(LightningModule):
         """Write what :meth:`save_pretrained` exports into ``directory`` (a subclass adds its files)."""
         model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
+        processor = getattr(self.datamodule(), "processor", None)
+        if processor is not None:  # a vision-language model reloads with AutoProcessor
+            processor.save_pretrained(directory)
+
+
+def manual_optimizer_step(module: LightningModule, loss: Tensor, max_grad_norm: float | None) -> None:
+    """One optimizer step of a manually optimised module (PPO / GRPO, DDPO): clip the accumulated
+    gradients to ``max_grad_norm``, step the optimizer and the step-interval schedulers, zero the
+    gradients. Lightning does none of this under manual optimisation; ``ReduceLROnPlateau`` steps
+    on ``loss`` (the last micro-batch's)."""
+    optimizer = module.optimizers()
+    assert not isinstance(optimizer, list), f"{type(module).__name__} takes one optimizer"
+    if max_grad_norm is not None:
+        # A LightningOptimizer wraps the Optimizer that clip_gradients reads.
+        module.clip_gradients(
+            optimizer,  # type: ignore[arg-type]
+            gradient_clip_val=max_grad_norm,
+            gradient_clip_algorithm="norm",
+        )
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    schedulers = module.lr_schedulers()
+    for scheduler in schedulers if isinstance(schedulers, list) else [] if schedulers is None else [schedulers]:
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(float(loss))
+        else:
+            scheduler.step()
 
 
 def check_finite(model: torch.nn.Module, what: str) -> None:

@@ -59,10 +59,13 @@ class GRPOTensors(RolloutLogps):
     Attributes:
         advantages: ``[N]`` one advantage per completion, or ``[N, L]`` per token (REINFORCE++).
         loss_mask: ``[N, L]`` bool, the tokens the loss counts.
+        sampler_weights: ``[N, L]`` truncated importance weights π_old / π_engine of the
+            rollout engine's samples (``rollout_is_cap``; ``None``: not weighted).
     """
 
     advantages: Tensor
     loss_mask: Tensor
+    sampler_weights: Tensor | None = None
 
 
 class GRPO(OnlineRLModule["GRPOTensors"]):
@@ -161,6 +164,7 @@ class GRPO(OnlineRLModule["GRPOTensors"]):
     """
 
     default_lr = 1e-6
+    corrects_sampler = True
 
     def __init__(
         self,
@@ -270,7 +274,8 @@ class GRPO(OnlineRLModule["GRPOTensors"]):
     @torch.no_grad()
     def _score_chunk(self, chunk: Rollout) -> RolloutLogps:
         batch, temperature = chunk.batch(), self.generation.temperature
-        needs_old = self.reuses_rollout or self.loss_config.kl_in_reward
+        # An engine's own log-probs are compared with the trainer's π_old (OnlineRLModule.sampler_correction).
+        needs_old = self.reuses_rollout or self.loss_config.kl_in_reward or chunk.sampler_logps is not None
         old = self.logps(self.policy, batch, temperature=temperature) if needs_old else None
         ref = self.reference_logps(batch, temperature=temperature) if self.loss_config.beta else None
         return RolloutLogps(
@@ -336,8 +341,9 @@ class GRPO(OnlineRLModule["GRPOTensors"]):
         """Score the G completions per prompt (π_old, reference, rewards) and compute advantages."""
         k, config = self.num_generations, self.loss_config
         logps = RolloutLogps(None, None)
-        if self.reuses_rollout or config.beta:
+        if self.reuses_rollout or config.beta or rollout.sampler_logps is not None:
             logps = score_in_chunks(rollout, self.rollout_batch_size, self._score_chunk)
+        sampler_weights = self.sampler_correction(rollout, logps.old_logps)
         scores, per_source = self.score(rollout)
         loss_mask = rollout.mask
         if self.mask_truncated_completions:
@@ -370,6 +376,7 @@ class GRPO(OnlineRLModule["GRPOTensors"]):
             None if config.kl_in_reward else logps.ref_logps,
             advantages,
             loss_mask,
+            sampler_weights,
         )
 
     # ----------------------------------------------------------------- losses
@@ -421,6 +428,7 @@ class GRPO(OnlineRLModule["GRPOTensors"]):
             num_items_in_batch=num_items,
             entropy=logps.entropy,
             entropy_mask=entropy_mask,
+            sampler_weights=tensors.sampler_weights,
             **config.loss_kwargs(),
         )
         metrics = {

@@ -29,6 +29,8 @@ def kl_batch(batch: UnpairedBatch) -> CompletionBatch:
         prompt_attention_mask=batch["prompt_attention_mask"],
         completion_input_ids=batch["kl_completion_input_ids"],
         completion_attention_mask=batch["kl_completion_attention_mask"],
+        # A vision-language batch's prompts come with their images.
+        **{key: batch[key] for key in ("vision_inputs", "image_counts") if key in batch},  # type: ignore[typeddict-item]
     )
 
 

@@ -20,8 +20,11 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from lit_pref.engines import GenerateEngine, GenerationSettings, RolloutEngine
+from lit_pref.engines import EngineName, GenerationSettings, RolloutEngine, engine_from_name
+from lit_pref.losses.sampler import logp_mismatch, truncated_is_weights
+from lit_pref.modules.base import manual_optimizer_step
 from lit_pref.modules.reference import ReferenceModule
+from lit_pref.ops import masked_mean
 from lit_pref.resume import CHECKPOINT_KEY
 from lit_pref.rewards import RewardSet
 from lit_pref.rollout import CompletionTensors, Rollout, generate_rollout, score_rollout
@@ -58,8 +61,16 @@ class OnlineRLModule(ReferenceModule, Generic[TensorsT]):
         num_mini_batches: optimizer steps per pass over a rollout.
         gradient_accumulation_steps: micro-batches per mini-batch.
         max_grad_norm: gradient-norm clipping per optimizer step (``None``: off).
-        rollout_engine: what samples the completions (default: the policy's own ``generate``,
-            :class:`~lit_pref.engines.GenerateEngine`).
+        rollout_engine: what samples the completions: ``generate`` (default: the policy's own
+            ``generate``, :class:`~lit_pref.engines.GenerateEngine`), ``vllm``
+            (:class:`~lit_pref.engines.vllm.VLLMEngine` with its defaults), or an engine object
+            with its settings (``class_path`` / ``init_args``).
+        rollout_is_cap: with an engine that returns its sampled tokens' log-probs (vLLM), weigh
+            each token's policy loss by ``min(π_old / π_engine, cap)`` (truncated importance
+            sampling, TRL's ``vllm_importance_sampling_correction`` in its ``token_truncate``
+            mode; TRL's cap is 3); ``None``: no correction. The mismatch
+            ``|log π_old − log π_engine|`` is logged either way (``rollout/logp_diff_mean`` /
+            ``_max``).
         **kwargs: :class:`~lit_pref.modules.reference.ReferenceModule` arguments (the reference
             choice) and :class:`~lit_pref.modules.base.AlignmentModule` ones (model, LoRA,
             optimizer, export…).
@@ -69,6 +80,8 @@ class OnlineRLModule(ReferenceModule, Generic[TensorsT]):
     # Completions sampled per prompt, and optimisation passes over each rollout (set by subclasses).
     num_generations: int = 1
     num_epochs: int = 1
+    # Whether prepare() weighs the policy loss by sampler_correction's weights (rollout_is_cap).
+    corrects_sampler: bool = False
 
     def __init__(
         self,
@@ -83,7 +96,8 @@ class OnlineRLModule(ReferenceModule, Generic[TensorsT]):
         num_mini_batches: int = 1,
         gradient_accumulation_steps: int = 1,
         max_grad_norm: float | None = 1.0,
-        rollout_engine: RolloutEngine | None = None,
+        rollout_engine: RolloutEngine | EngineName | None = None,
+        rollout_is_cap: float | None = None,
         **kwargs: Any,
     ) -> None:
         name = type(self).__name__
@@ -96,6 +110,10 @@ class OnlineRLModule(ReferenceModule, Generic[TensorsT]):
                 raise ValueError(f"{arg} must be >= 1, got {value}")
         if max_grad_norm is not None and max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or null, got {max_grad_norm}")
+        if rollout_is_cap is not None and not rollout_is_cap > 0:
+            raise ValueError(f"rollout_is_cap must be > 0 or null (no correction), got {rollout_is_cap}")
+        if rollout_is_cap is not None and not self.corrects_sampler:
+            raise ValueError(f"{name} has no importance-sampling correction of the rollout engine: drop rollout_is_cap")
         generation = GenerationSettings(max_new_tokens, temperature, top_p, top_k)
         super().__init__(**kwargs)
         self.automatic_optimization = False
@@ -105,7 +123,12 @@ class OnlineRLModule(ReferenceModule, Generic[TensorsT]):
         self.num_mini_batches = num_mini_batches
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.max_grad_norm = max_grad_norm
-        self.rollout_engine = rollout_engine or GenerateEngine(rollout_batch_size)
+        self.rollout_engine = (
+            engine_from_name(rollout_engine or "generate", rollout_batch_size)
+            if rollout_engine is None or isinstance(rollout_engine, str)
+            else rollout_engine
+        )
+        self.rollout_is_cap = rollout_is_cap
         self._resumed_engine_state: dict[str, Any] | None = None
         # The last rollout's samples, for lit_pref.callbacks.SampleTable.
         self.latest_samples: list[dict[str, Any]] = []
@@ -142,7 +165,35 @@ class OnlineRLModule(ReferenceModule, Generic[TensorsT]):
     def sample(self, batch: PromptBatch, num_generations: int | None = None) -> Rollout:
         """``num_generations`` (default :attr:`num_generations`) completions per prompt of ``batch``."""
         k = self.num_generations if num_generations is None else num_generations
-        return generate_rollout(self.rollout_engine, self.policy, batch, self.generation, self.tokenizer, k)
+        rollout = generate_rollout(self.rollout_engine, self.policy, batch, self.generation, self.tokenizer, k)
+        timings = self.rollout_engine.metrics()
+        if timings:
+            metrics = self.train_metrics if self.training else self.val_metrics
+            metrics.update({f"rollout/{name}": torch.tensor(value, device=self.device) for name, value in timings.items()})
+        return rollout
+
+    def sampler_correction(self, rollout: Rollout, old_logps: Tensor | None) -> Tensor | None:
+        """Compare the engine's log-probs of the sampled tokens with the trainer's (``old_logps``,
+        π_old): log ``rollout/logp_diff_mean`` / ``_max`` and return the truncated importance
+        weights when ``rollout_is_cap`` is set (``None``: no weighting)."""
+        if rollout.sampler_logps is None:
+            if self.rollout_is_cap is not None:
+                raise ValueError(
+                    f"rollout_is_cap corrects the rollout engine's log-probs, but {type(self.rollout_engine).__name__} "
+                    "returns none (it samples from the policy itself, so there is no mismatch): set rollout_is_cap "
+                    "to null, or use an engine that returns them (vllm)"
+                )
+            return None
+        assert old_logps is not None, "the trainer's π_old log-probs are scored when the engine returns its own"
+        mask = rollout.mask
+        mean, largest = logp_mismatch(old_logps, rollout.sampler_logps, mask)
+        metrics = {"rollout/logp_diff_mean": mean, "rollout/logp_diff_max": largest}
+        weights = None
+        if self.rollout_is_cap is not None:
+            weights = truncated_is_weights(old_logps, rollout.sampler_logps, mask, self.rollout_is_cap)
+            metrics["rollout/is_weight_mean"] = masked_mean(weights, mask)
+        self.train_metrics.update(metrics)
+        return weights
 
     def score(self, rollout: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
         """Reward every completion: the weighted total (on the rollout's device) and each source's raw
@@ -172,29 +223,9 @@ class OnlineRLModule(ReferenceModule, Generic[TensorsT]):
         self.after_rollout(rollout, tensors)
 
     def step_optimizer(self, loss: Tensor) -> None:
-        """Clip the accumulated gradients, step the optimizer and the step-interval schedulers, zero
-        the gradients, tell the engine the weights changed.
-
-        Manual optimisation: Lightning neither clips nor steps schedulers for us.
-        ``ReduceLROnPlateau`` steps on ``loss`` (the last micro-batch's).
-        """
-        optimizer = self.optimizers()
-        assert not isinstance(optimizer, list), "the online modules take one optimizer"
-        if self.max_grad_norm is not None:
-            # A LightningOptimizer wraps the Optimizer that clip_gradients reads.
-            self.clip_gradients(
-                optimizer,  # type: ignore[arg-type]
-                gradient_clip_val=self.max_grad_norm,
-                gradient_clip_algorithm="norm",
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedulers = self.lr_schedulers()
-        for scheduler in schedulers if isinstance(schedulers, list) else [] if schedulers is None else [schedulers]:
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(float(loss))
-            else:
-                scheduler.step()
+        """:func:`~lit_pref.modules.base.manual_optimizer_step` (clip, step, schedulers, zero),
+        then tell the engine the weights changed."""
+        manual_optimizer_step(self, loss, self.max_grad_norm)
         self.rollout_engine.weights_changed(self.policy)
 
     # ------------------------------------------------------------- checkpoint

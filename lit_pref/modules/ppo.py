@@ -54,12 +54,15 @@ class PPOTensors(RolloutScores):
         advantages: ``[N, L]`` whitened GAE advantages.
         returns: ``[N, L]`` value targets.
         sequence_kl: ``[N]`` per-sequence KL estimate to the reference.
+        sampler_weights: ``[N, L]`` truncated importance weights π_old / π_engine of the
+            rollout engine's samples (``rollout_is_cap``; ``None``: not weighted).
     """
 
     scores: Tensor
     advantages: Tensor
     returns: Tensor
     sequence_kl: Tensor
+    sampler_weights: Tensor | None = None
 
 
 class PPO(OnlineRLModule["PPOTensors"]):
@@ -119,6 +122,7 @@ class PPO(OnlineRLModule["PPOTensors"]):
     """
 
     default_lr = 3e-6
+    corrects_sampler = True
 
     def __init__(
         self,
@@ -256,6 +260,7 @@ class PPO(OnlineRLModule["PPOTensors"]):
         return PPOTensors(
             scored.old_logps, scored.ref_logps, scored.values, scored.entropy,
             scores, masked_whiten(advantages, mask), returns, sequence_kl,
+            self.sampler_correction(rollout, scored.old_logps),
         )  # fmt: skip
 
     # ----------------------------------------------------------------- losses
@@ -269,7 +274,10 @@ class PPO(OnlineRLModule["PPOTensors"]):
             logps.token_logps, tensors.old_logps, tensors.advantages, mask, self.cliprange, self.cliprange
         )
         value = clipped_value_loss(values, tensors.values, tensors.returns, mask, self.cliprange_value)
-        policy_loss = masked_mean(policy.per_token_loss, mask)
+        per_token = policy.per_token_loss
+        if tensors.sampler_weights is not None:
+            per_token = per_token * tensors.sampler_weights
+        policy_loss = masked_mean(per_token, mask)
         value_loss = masked_mean(value.per_token_loss, mask)
         loss = policy_loss + self.vf_coef * value_loss
         with torch.no_grad():

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lit_pref.data.packing import is_packed
 from lit_pref.losses.reward import reward_loss
 from lit_pref.models import (
     apply_lora,
@@ -113,6 +114,8 @@ class RewardModel(AlignmentModule):
                     f"a classifier reward model trains a SEQ_CLS LoRA adapter, got task_type={task_type!r}"
                 )
             self.peft_config = {**self.peft_config, "task_type": "SEQ_CLS"}
+        if self.quantization is not None:
+            raise ValueError("quantization (QLoRA) is supported for the policy of the generative modules, not for reward models yet")
         self.head_type = head
         self.center_rewards_coefficient = center_rewards_coefficient
         self.value_head: torch.nn.Linear | None = None
@@ -197,6 +200,8 @@ class RewardModel(AlignmentModule):
 
     # ------------------------------------------------------------------- steps
     def shared_step(self, batch: PairedBatch, split: str = "train") -> tuple[Tensor, dict[str, Tensor]]:
+        if is_packed(batch):
+            raise ValueError("a reward model scores the padded layout: set packing: false in the data module")
         chosen, rejected = self.pair_rewards(batch)
         out = reward_loss(chosen, rejected, batch.get("margin"), self.center_rewards_coefficient)
         both = torch.cat([chosen, rejected]).detach()

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, cast
+from typing import Any
 
 import torch
 from torch import Tensor
 from torchmetrics import SumMetric
 
-from lit_pref.data.packing import block_causal_mask, is_packed
 from lit_pref.modules.base import AlignmentModule
-from lit_pref.ops import hidden_logps
-from lit_pref.types import CausalLM, CompletionBatch, CompletionLogps, PackedBatch, SFTBatch
-
-PackedAttention = Literal["auto", "mask", "position_ids"]
+from lit_pref.ops import PackedAttention
+from lit_pref.types import CompletionBatch
 
 
 class NEFTuneNoise:
@@ -44,9 +41,9 @@ class SFT(AlignmentModule):
     default, every token after the first with ``completion_only_loss: false``. The loss is the
     mean over all counted tokens of the batch, so long and short examples weigh per token.
 
-    Packed batches (``packing: true`` in the data module) are scored with a block-diagonal causal
-    attention mask and per-example position ids, so each example sees only its own tokens and the
-    loss equals the unpacked one.
+    Packed batches (``packing: true`` in the data module, :mod:`lit_pref.data.packing`) are scored
+    with a block-diagonal causal attention mask and per-example position ids, so each example sees
+    only its own tokens and the loss equals the unpacked one.
 
     Logged: ``loss`` (mean NLL per counted token), ``token_accuracy`` (share of counted tokens the
     model ranks first) and, in training, ``tokens_seen`` (counted tokens trained on so far, all
@@ -97,46 +94,10 @@ class SFT(AlignmentModule):
             embeddings = self.policy.get_input_embeddings()
             self._neftune_handle = embeddings.register_forward_hook(NEFTuneNoise(self.neftune_noise_alpha))
 
-    # ------------------------------------------------------------------ logps
-    def packed_logps(self, model: CausalLM, batch: PackedBatch) -> CompletionLogps:
-        """Token log-probs of a packed batch: ``[R, T − 1]``, entry ``t`` scoring token ``t + 1``."""
-        decoder, head = model.get_decoder(), model.get_output_embeddings()
-        implementation = str(getattr(model.config, "_attn_implementation", None) or "sdpa")
-        mode = self.packed_attention
-        if mode == "auto":
-            mode = "mask" if implementation in ("eager", "sdpa") else "position_ids"
-        input_ids = batch["input_ids"]
-        attention_mask = None
-        if mode == "mask":
-            # Eager attention adds the mask to its scores; SDPA takes booleans (True: attend).
-            dtype = torch.float32 if implementation == "eager" else torch.bool
-            attention_mask = block_causal_mask(batch["sequence_ids"], dtype)
-        hidden = decoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=batch["position_ids"],
-            use_cache=False,
-        ).last_hidden_state
-        return hidden_logps(
-            head,
-            hidden[:, :-1],
-            input_ids[:, 1:],
-            batch["loss_mask"][:, 1:],
-            chunk_size=self.chunk_size,
-            with_argmax=True,
-        )
-
-    def batch_logps(self, batch: SFTBatch) -> tuple[CompletionLogps, Tensor]:
-        """The policy's log-probs of the batch's counted tokens, and those tokens (same shape)."""
-        if is_packed(cast(dict[str, Any], batch)):
-            packed = cast(PackedBatch, batch)
-            return self.packed_logps(self.policy, packed), packed["input_ids"][:, 1:]
-        unpacked = cast(CompletionBatch, batch)
-        return self.logps(self.policy, unpacked, with_argmax=True), unpacked["completion_input_ids"]
-
     # ------------------------------------------------------------------- steps
-    def shared_step(self, batch: SFTBatch, split: str = "train") -> tuple[Tensor, dict[str, Tensor]]:
-        logps, targets = self.batch_logps(batch)
+    def shared_step(self, batch: CompletionBatch, split: str = "train") -> tuple[Tensor, dict[str, Tensor]]:
+        logps = self.logps(self.policy, batch, with_argmax=True, packed_attention=self.packed_attention)
+        targets = batch["completion_input_ids"]
         mask = logps.mask
         assert logps.argmax is not None
         nll = -logps.token_logps[mask]
@@ -146,7 +107,7 @@ class SFT(AlignmentModule):
         metrics = {"loss": nll, "token_accuracy": (logps.argmax[mask] == targets[mask]).float()}
         return loss, metrics
 
-    def training_step(self, batch: SFTBatch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: CompletionBatch, batch_idx: int) -> Tensor:
         loss, metrics = self.shared_step(batch)
         self.train_metrics.update(metrics)
         self.tokens_seen.update(

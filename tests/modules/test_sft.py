@@ -18,8 +18,9 @@ from transformers import AutoModelForCausalLM
 import lit_pref.cli as cli_module
 from lit_pref import tasks
 from lit_pref.data.datamodule import PreferenceDataModule
-from lit_pref.data.packing import PackingCollator, block_causal_mask, first_fit_decreasing
+from lit_pref.data.packing import PackingCollator, first_fit_decreasing
 from lit_pref.modules.sft import SFT, NEFTuneNoise
+from lit_pref.ops import block_causal_mask
 
 CONVERSATION = [
     {"role": "user", "content": "hi"},
@@ -149,12 +150,16 @@ def test_packing_collator_layout():
     ]
     batch = PackingCollator(pad_token_id=0, max_length=8)(rows)
     # 4 + 4 + 7 tokens in rows of 8: the 7-token example alone, the two 4-token ones together.
-    assert batch["input_ids"].tolist() == [[9, 10, 11, 12, 13, 14, 15, 0], [1, 2, 3, 4, 5, 6, 7, 8]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 0], [0, 1, 2, 3, 0, 1, 2, 3]]
-    assert batch["sequence_ids"].tolist() == [[0, 0, 0, 0, 0, 0, 0, -1], [0, 0, 0, 0, 1, 1, 1, 1]]
-    assert batch["attention_mask"].tolist() == [[1] * 7 + [0], [1] * 8]
-    assert batch["loss_mask"].tolist() == [[0, 0, 0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0, 1, 1]]
-    assert batch["index"].tolist() == [2, 0, 1] and batch["num_examples"] == 3
+    assert batch["packed_input_ids"].tolist() == [[9, 10, 11, 12, 13, 14, 15, 0], [1, 2, 3, 4, 5, 6, 7, 8]]
+    assert batch["packed_position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 0], [0, 1, 2, 3, 0, 1, 2, 3]]
+    assert batch["packed_sequence_ids"].tolist() == [[0, 0, 0, 0, 0, 0, 0, -1], [0, 0, 0, 0, 1, 1, 1, 1]]
+    assert batch["packed_branch_ids"].tolist() == [[0, 0, 0, 1, 1, 1, 1, -1], [0, 0, 1, 1, 0, 1, 1, 1]]
+    # Flat packed positions (row · 8 + column) predicting each completion token, in row order:
+    # the first from the prompt's last token, each next one from the token before it.
+    assert batch["packed_source"].tolist() == [[9, 10, 0, 0], [12, 13, 14, 0], [2, 3, 4, 5]]
+    # The padded columns the losses read stay, in the rows' order.
+    assert batch["completion_mask"].tolist() == [[1, 1, 0, 0], [0, 1, 1, 0], [1, 1, 1, 1]]
+    assert batch["index"].tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="max_length"):
         PackingCollator(pad_token_id=0, max_length=0)
 
@@ -169,6 +174,13 @@ def test_block_causal_mask():
     assert torch.equal(allowed, expected)
     additive = block_causal_mask(ids, torch.float32)[0, 0]
     assert torch.equal(additive == 0, expected) and additive.min() == torch.finfo(torch.float32).min
+    # A prompt (branch 0) with two completions: each completion sees the prompt and itself only.
+    tree = block_causal_mask(torch.tensor([[0, 0, 0, 0, 0]]), branch_ids=torch.tensor([[0, 1, 1, 2, 2]]))[0, 0]
+    expected = torch.tensor(
+        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 1, 0], [1, 0, 0, 1, 1]],
+        dtype=torch.bool,
+    )
+    assert torch.equal(tree, expected)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -176,13 +188,14 @@ def test_block_causal_mask():
 def test_packed_loss_equals_unpacked_loss(tiny_lm_dir, attn, mode):
     module = sft_module(tiny_lm_dir, attn_implementation=attn, packed_attention=mode)
     unpacked, packed = batch_of(module, MIXED_ROWS, packing=False), batch_of(module, MIXED_ROWS, packing=True)
-    assert packed["input_ids"].shape[0] < len(MIXED_ROWS)  # several examples share a row
-    assert int(packed["loss_mask"].sum()) == int(unpacked["completion_mask"].sum())
+    assert packed["packed_input_ids"].shape[0] < len(MIXED_ROWS)  # several examples share a row
+    assert int(packed["packed_sequence_ids"].ge(0).sum()) < packed["prompt_input_ids"].numel() + packed["completion_input_ids"].numel()
     with torch.no_grad():
         loss_unpacked, m_unpacked = module.shared_step(unpacked)
         loss_packed, m_packed = module.shared_step(packed)
     assert abs(float(loss_packed) - float(loss_unpacked)) < 1e-5
-    assert torch.allclose(m_packed["loss"].sort().values, m_unpacked["loss"].sort().values, atol=1e-5)
+    assert m_packed["loss"].numel() == int(unpacked["completion_mask"].sum())
+    torch.testing.assert_close(m_packed["loss"], m_unpacked["loss"], rtol=0, atol=1e-5)
     assert float(m_packed["token_accuracy"].mean()) == float(m_unpacked["token_accuracy"].mean())
 
 
@@ -192,22 +205,21 @@ def test_packed_rows_without_the_block_mask_would_differ(tiny_lm_dir):
     packed = batch_of(module, MIXED_ROWS, packing=True)
     with torch.no_grad():
         loss_packed, _ = module.shared_step(packed)
-        leaky = dict(
-            packed, sequence_ids=packed["attention_mask"] - 1 + packed["attention_mask"]
-        )  # one segment
+        one_segment = torch.where(packed["packed_sequence_ids"] >= 0, 0, -1)
+        leaky = dict(packed, packed_sequence_ids=one_segment)
         leaky_loss, _ = module.shared_step(leaky)
     assert abs(float(leaky_loss) - float(loss_packed)) > 1e-4
 
 
-def test_packing_needs_max_length_and_sft_data(tokenizer):
+def test_packing_needs_max_length_and_completions(tokenizer):
     with pytest.raises(ValueError, match="max_length"):
         PreferenceDataModule(packing=True, max_length=None)
     dm = PreferenceDataModule(
-        Dataset.from_list(tasks.preference_rows(2)), target="paired", packing=True, val_split=None
+        Dataset.from_list(tasks.preference_rows(2)), target="prompt_only", packing=True, val_split=None
     )
     dm._tokenizer = tokenizer
     dm.setup("fit")
-    with pytest.raises(ValueError, match="SFT data only"):
+    with pytest.raises(ValueError, match="not to prompt-only data"):
         dm.train_dataloader()
 
 
