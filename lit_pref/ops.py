@@ -11,6 +11,7 @@ import inspect
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -85,14 +86,15 @@ def _token_logps_chunk(
     logits = head(hidden).float()
     if temperature != 1.0:
         logits = logits / temperature
-    lse = logits.logsumexp(-1)
-    logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
-    # H = log Σ e^z − Σ softmax(z)·z, from the logits this chunk already holds: no second pass.
+    # log_softmax's fused kernel and its fused backward: logsumexp + gather makes separate
+    # max / sub / exp / sum passes over [N, vocab], ~40 % slower on the LM head's logits.
+    logps = -F.cross_entropy(logits, targets, reduction="none")
+    # H = log Σ e^z − Σ softmax(z)·z, from the logits this chunk already holds: no second head pass.
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        entropy = lse - (logits.softmax(-1) * logits).sum(-1) if with_entropy else None
+        entropy = logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1) if with_entropy else None
     with torch.no_grad():
         mean_logits = logits.mean(-1)
-        sq_norm = (2 * logits).logsumexp(-1) - 2 * lse if with_sq_norm else None
+        sq_norm = (2 * logits).logsumexp(-1) - 2 * logits.logsumexp(-1) if with_sq_norm else None
         argmax = logits.argmax(-1) if with_argmax else None
     return logps, mean_logits, entropy, sq_norm, argmax
 
