@@ -1,40 +1,62 @@
 """DPO training throughput and memory: lit_pref vs TRL's DPOTrainer, side by side, on CPU.
 
-Same model (random Qwen2-style: hidden 256, 4 layers, vocab 32,000), same synthetic rows (prompt
-192 tokens, completions 64 tokens + EOS, batch 4), each library's default optimizer (fused AdamW
-in both), fp32, one process per configuration so peak memory is measured in isolation. Run by hand (TRL is an optional extra:
-``pip install -e .[bench]``)::
+Same model (random Qwen2-style: hidden 256, 4 layers, vocab 32,000), same synthetic rows, each
+library's default optimizer (fused AdamW in both), fp32, batch 4. Two data sets:
 
-    python benchmarks/dpo_throughput.py [--steps 8] [--warmup 2] [--threads 2]
+* ``uniform`` (the shipped configuration): prompt 192 tokens, completions 64 + EOS;
+* ``skewed``: prompt lengths drawn from 16–512 tokens and each completion's from 8–256, where
+  TRL pads every row of a batch to the longest and lit_pref can run padding-free
+  (``packing: true``: each prompt once, then its two completions, no padding).
 
-Prints per-step median time, tokens/s, peak RSS and the training-time memory increment (peak RSS
-minus RSS once the models are loaded), the ratios lit_pref / TRL, and the fraction of the
-machine's measured fp32 matmul throughput that lit_pref's step achieves.
+Each comparison alternates its two configurations in pairs (A B A B …, ``--pairs`` of them, each
+run in its own process: ``benchmarks/pairs.py``) and prints the median of the per-pair ratios
+with min and max, warning when they spread too far to trust. Run by hand (TRL is an optional
+extra: ``pip install -e .[bench]``)::
+
+    python benchmarks/dpo_throughput.py [--pairs 3] [--steps 8] [--warmup 2] [--threads 2] [--only uniform,skewed]
+
+Per run: tokens/s (real prompt + completion tokens over step time), peak RSS and the
+training-time memory increment (peak RSS minus RSS once the models are loaded); for the uniform
+set also the fraction of the machine's measured fp32 matmul throughput that lit_pref's step
+achieves.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import random
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import pairs
+from synthetic import save_word_level_model
+
 PROMPT, COMPLETION, BATCH, VOCAB, HIDDEN, LAYERS, INTERMEDIATE = 192, 64, 4, 32_000, 256, 4, 1024
+SKEWED_PROMPT, SKEWED_COMPLETION = (16, 512), (8, 256)
+# The memory probe: the longest completion (prompt 128 tokens, batch 4) whose training step stays
+# within MEMORY_LIMIT of resident memory.
+LONG_PROMPT, MEMORY_LIMIT_MIB = 128, 8 * 1024
+# (library, reference precomputed, gradient checkpointing, padding-free) of each configuration.
 RUNS = {
-    "lit_pref": "lit_pref DPO",
-    "trl": "TRL DPOTrainer (no GC)",
-    "trl_gc": "TRL DPOTrainer (GC)",
-    "lit_pref_pre": "lit_pref, ref precomputed",
-    "trl_pre": "TRL (no GC), ref precomputed",
+    "lit_pref": ("lit_pref", False, False, False),
+    "lit_pref_packed": ("lit_pref", False, False, True),
+    "lit_pref_pre": ("lit_pref", True, False, False),
+    "trl": ("trl", False, False, False),
+    "trl_gc": ("trl", False, True, False),
+    "trl_pre": ("trl", True, False, False),
 }
-# Each lit_pref run is compared with the TRL runs that use the same reference setting.
-PAIRS = (("lit_pref", "trl"), ("lit_pref", "trl_gc"), ("lit_pref_pre", "trl_pre"))
+# (data set, A, B): each comparison is run as interleaved pairs.
+COMPARISONS = (
+    ("uniform", "lit_pref", "trl"),
+    ("uniform", "lit_pref_pre", "trl_pre"),
+    ("skewed", "lit_pref_packed", "trl"),
+    ("skewed", "lit_pref_packed", "lit_pref"),
+)
 
 
 def rss_mib() -> float:
@@ -47,39 +69,37 @@ def peak_rss_mib() -> float:
 
 
 def build(directory: Path) -> None:
-    """A word-level tokenizer (``w0`` … ``w31995`` are single tokens) and the random model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(VOCAB - len(specials))])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
-    )
-    config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
-        pad_token_id=0, eos_token_id=1, bos_token_id=2,
-    )  # fmt: skip
-    Qwen2ForCausalLM(config).save_pretrained(directory)
-    # Apart from the model: next to a qwen2 config, AutoTokenizer would rebuild it as a BPE tokenizer.
-    tokenizer.save_pretrained(directory / "tokenizer")
+    """The random model and its word-level tokenizer (``w0`` … ``w31995`` are single tokens)."""
+    save_word_level_model(directory, VOCAB, HIDDEN, LAYERS, INTERMEDIATE)
 
 
-def rows(n: int) -> list[dict[str, str]]:
-    import random
-
+def rows(n: int, dataset: str = "uniform") -> list[dict[str, str]]:
     rng = random.Random(0)
 
     def text(k: int) -> str:
         return " ".join(f"w{rng.randrange(VOCAB - 4)}" for _ in range(k))
 
-    return [{"prompt": text(PROMPT), "chosen": " " + text(COMPLETION), "rejected": " " + text(COMPLETION)} for _ in range(n)]
+    if dataset == "uniform":
+        return [{"prompt": text(PROMPT), "chosen": " " + text(COMPLETION), "rejected": " " + text(COMPLETION)} for _ in range(n)]
+    if dataset.startswith("long"):  # "long<L>": the memory probe's rows, completions of L tokens
+        length = int(dataset.removeprefix("long"))
+        return [{"prompt": text(LONG_PROMPT), "chosen": " " + text(length), "rejected": " " + text(length)} for _ in range(n)]
+    return [
+        {
+            "prompt": text(rng.randint(*SKEWED_PROMPT)),
+            "chosen": " " + text(rng.randint(*SKEWED_COMPLETION)),
+            "rejected": " " + text(rng.randint(*SKEWED_COMPLETION)),
+        }
+        for _ in range(n)
+    ]
 
 
-def run_lit_pref(model_dir: str, steps: int, precompute: bool) -> tuple[list[float], float]:
+def row_tokens(row: dict[str, str]) -> int:
+    """Real tokens of a row: the prompt once, each completion with its EOS (word-level tokens)."""
+    return len(row["prompt"].split()) + len(row["chosen"].split()) + len(row["rejected"].split()) + 2
+
+
+def run_lit_pref(model_dir: str, steps: int, n_rows: int, precompute: bool, packing: bool, dataset: str) -> tuple[list[float], float]:
     import lightning as L
     from datasets import Dataset
 
@@ -102,9 +122,11 @@ def run_lit_pref(model_dir: str, steps: int, precompute: bool) -> tuple[list[flo
         precompute_ref_logps=precompute,
         ref_cache_dir=tempfile.mkdtemp(),
     )
+    # Packed sequences of up to 1,024 tokens (a prompt and its two completions fit in one).
     data = PreferenceDataModule(
-        Dataset.from_list(rows(BATCH * steps)), val_split=None, batch_size=BATCH, max_length=None, max_prompt_length=None
-    )
+        Dataset.from_list(rows(n_rows, dataset)), val_split=None, batch_size=BATCH,
+        max_length=1024 if packing else None, max_prompt_length=None, packing=packing,
+    )  # fmt: skip
     module.configure_model()
     loaded = rss_mib()
     trainer = L.Trainer(
@@ -115,7 +137,9 @@ def run_lit_pref(model_dir: str, steps: int, precompute: bool) -> tuple[list[flo
     return times, loaded
 
 
-def run_trl(model_dir: str, steps: int, gradient_checkpointing: bool, precompute: bool) -> tuple[list[float], float]:
+def run_trl(
+    model_dir: str, steps: int, n_rows: int, gradient_checkpointing: bool, precompute: bool, dataset: str
+) -> tuple[list[float], float]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -138,11 +162,11 @@ def run_trl(model_dir: str, steps: int, gradient_checkpointing: bool, precompute
         precompute_ref_log_probs=precompute,
     )  # fmt: skip
     trainer = DPOTrainer(
-        model=model, args=config, train_dataset=Dataset.from_list(rows(BATCH * steps)), processing_class=tokenizer
+        model=model, args=config, train_dataset=Dataset.from_list(rows(n_rows, dataset)), processing_class=tokenizer
     )
     trainer.add_callback(Timer())
-    first = trainer.train_dataset[0]
-    if len(first["prompt_ids"]) != PROMPT or len(first["chosen_ids"]) != COMPLETION + 1:
+    first, row = trainer.train_dataset[0], rows(1, dataset)[0]
+    if len(first["prompt_ids"]) != len(row["prompt"].split()) or len(first["chosen_ids"]) != len(row["chosen"].split()) + 1:
         raise RuntimeError(f"TRL tokenised the rows to unexpected lengths: {[len(v) for v in first.values()]}")
     loaded = rss_mib()
     trainer.train()
@@ -179,26 +203,89 @@ def lit_pref_step_flops(precompute: bool) -> float:
     return policy + (0 if precompute else reference)
 
 
+def watch_memory(limit_mib: float) -> None:
+    """End this process (reporting ``fits: false``) the moment its resident memory passes ``limit_mib``."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            if rss_mib() > limit_mib:
+                pairs.emit({"fits": False, "peak_mib": rss_mib()})
+                os._exit(0)
+            time.sleep(0.005)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def longest_completion(model_dir: Path, run: str, threads: int, start: int = 256) -> tuple[int, dict]:
+    """The longest completion (doubling from ``start``, then one bisection step) whose step fits."""
+
+    def probe(length: int) -> dict:
+        result = pairs.run_once([sys.executable, __file__, "--run", run, "--data", f"long{length}", "--model-dir",
+                                 str(model_dir), "--threads", str(threads)])  # fmt: skip
+        fits = result.get("fits", "peak_mib" in result and result["peak_mib"] <= MEMORY_LIMIT_MIB)
+        print(f"  {run}: completion {length}: peak {result.get('peak_mib', float('nan')):.0f} MiB, "
+              f"{'fits' if fits else 'does not fit'}{'' if 'error' not in result else ' (' + result['error'] + ')'}",
+              flush=True)  # fmt: skip
+        return dict(result, fits=fits)
+
+    best, best_result, length = 0, {}, start
+    while (result := probe(length))["fits"]:
+        best, best_result, length = length, result, 2 * length
+    if best and (middle := (best + length) // 2) > best and (result := probe(middle))["fits"]:
+        best, best_result = middle, result
+    return best, best_result
+
+
 def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    steps, precompute = args.steps + args.warmup, args.run.endswith("_pre")
-    if args.run.startswith("lit_pref"):
-        times, loaded = run_lit_pref(args.model_dir, steps, precompute)
+    library, precompute, gradient_checkpointing, packing = RUNS[args.run]
+    if args.data.startswith("long"):
+        # One step, stopped as soon as it holds more than the limit (so a probe never takes the machine's memory).
+        watch_memory(MEMORY_LIMIT_MIB)
+        n_rows, steps, measured, tokens = BATCH, 1, slice(0, None), 0
+    elif args.data == "uniform":
+        # Every step holds the same tokens: the first ``warmup`` steps are left out.
+        n_rows = steps = args.steps + args.warmup
+        n_rows *= BATCH
+        measured = slice(args.warmup, None)
+        tokens = BATCH * row_tokens(rows(1)[0]) * args.steps
     else:
-        times, loaded = run_trl(args.model_dir, steps, args.run == "trl_gc", precompute)
-    measured = times[args.warmup :]
-    print(json.dumps({"median_s": statistics.median(measured), "peak_mib": peak_rss_mib(), "loaded_mib": loaded}))
+        # Steps differ (and each library shuffles its own way): two epochs over the rows, the
+        # second one measured, so both sides are timed on exactly the same tokens.
+        n_rows, steps = BATCH * args.steps, 2 * args.steps
+        measured = slice(args.steps, None)
+        tokens = sum(row_tokens(r) for r in rows(n_rows, "skewed"))
+    if library == "lit_pref":
+        times, loaded = run_lit_pref(args.model_dir, steps, n_rows, precompute, packing, args.data)
+    else:
+        try:
+            times, loaded = run_trl(args.model_dir, steps, n_rows, gradient_checkpointing, precompute, args.data)
+        except ImportError as error:
+            pairs.emit({"unavailable": f"TRL is not installed ({error})"})
+            return
+    peak = peak_rss_mib()
+    pairs.emit({
+        "tokens_per_s": tokens / sum(times[measured]),
+        "median_s": statistics.median(times[measured]),
+        "peak_mib": peak,
+        "train_mib": peak - loaded,
+    })  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", default="uniform,skewed,longest",
+                        help="comma-separated: uniform, skewed (the throughput comparisons), longest (the memory probe)")
     parser.add_argument("--run", choices=tuple(RUNS), help=argparse.SUPPRESS)
+    parser.add_argument("--data", default="uniform", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
@@ -208,36 +295,39 @@ def main() -> None:
         raise RuntimeError("synthetic rows are malformed")
     model_dir = Path(tempfile.mkdtemp()) / "model"
     build(model_dir)
-    tokens = BATCH * 2 * (PROMPT + COMPLETION + 1)
-    results = {}
-    for run in RUNS:
-        command = [sys.executable, __file__, "--run", run, "--model-dir", str(model_dir)]
-        command += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"{run}: failed\n{done.stderr[-3000:]}")
-            continue
-        results[run] = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"\nDPO step, batch {BATCH}, prompt {PROMPT}, completions {COMPLETION} (+EOS), {tokens} tokens/step, "
-          f"{args.threads} threads")  # fmt: skip
-    print(f"{'run':<32}{'median s/step':>14}{'tokens/s':>11}{'peak RSS MiB':>14}{'train Δ MiB':>13}")
-    for run, r in results.items():
-        delta = r["peak_mib"] - r["loaded_mib"]
-        print(f"{RUNS[run]:<32}{r['median_s']:>14.3f}{tokens / r['median_s']:>11.0f}{r['peak_mib']:>14.0f}{delta:>13.0f}")
-    for ours_name, theirs_name in PAIRS:
-        if ours_name in results and theirs_name in results:
-            ours, theirs = results[ours_name], results[theirs_name]
-            speed = theirs["median_s"] / ours["median_s"]
-            mem = (ours["peak_mib"] - ours["loaded_mib"]) / (theirs["peak_mib"] - theirs["loaded_mib"])
-            peak = ours["peak_mib"] / theirs["peak_mib"]
-            print(f"{RUNS[ours_name]} vs {RUNS[theirs_name]}: {speed:.2f}× tokens/s, training memory {mem:.2f}×, "
-                  f"peak RSS {peak:.2f}×")  # fmt: skip
     peak_gflops = matmul_gflops(args.threads)
-    for run in ("lit_pref", "lit_pref_pre"):
-        if run in results:
-            achieved = lit_pref_step_flops(run.endswith("_pre")) / results[run]["median_s"] / 1e9
-            print(f"{RUNS[run]}: executes {achieved:.1f} GFLOP/s = {achieved / peak_gflops:.0%} of the measured "
-                  f"fp32 matmul peak ({peak_gflops:.1f} GFLOP/s, 2048² matmul)")  # fmt: skip
+    wanted = args.only.split(",")
+    for dataset, a, b in COMPARISONS:
+        if dataset not in wanted:
+            continue
+
+        def command(run: str, dataset: str = dataset) -> list[str]:
+            return [sys.executable, __file__, "--run", run, "--data", dataset, "--model-dir", str(model_dir),
+                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]  # fmt: skip
+
+        print(f"\n== {dataset} rows, batch {BATCH}: {a} vs {b}", flush=True)
+        comparison = pairs.run_pairs(command(a), command(b), "tokens_per_s", pairs=args.pairs, names=(a, b))
+        print(comparison.report("{:.0f}"))
+        ratios = [ra["train_mib"] / rb["train_mib"] for ra, rb in zip(comparison.runs_a, comparison.runs_b, strict=False)
+                  if "train_mib" in ra and "train_mib" in rb]  # fmt: skip
+        if ratios:
+            print(f"{a} / {b}, training memory (peak − loaded RSS): median {statistics.median(ratios):.2f}× "
+                  f"(min {min(ratios):.2f}×, max {max(ratios):.2f}×); medians "
+                  f"{comparison.median_of(0, 'train_mib'):.0f} vs {comparison.median_of(1, 'train_mib'):.0f} MiB")  # fmt: skip
+        if dataset == "uniform" and a in ("lit_pref", "lit_pref_pre"):
+            median_s = comparison.median_of(0, "median_s")
+            if median_s:
+                achieved = lit_pref_step_flops(RUNS[a][1]) / median_s / 1e9
+                print(f"{a}: executes {achieved:.1f} GFLOP/s = {achieved / peak_gflops:.0%} of the measured fp32 "
+                      f"matmul peak ({peak_gflops:.1f} GFLOP/s, 2048² matmul, measured once at the start)")  # fmt: skip
+
+
+    if "longest" in wanted:
+        print(f"\n== longest completion, prompt {LONG_PROMPT}, batch {BATCH}, within {MEMORY_LIMIT_MIB / 1024:.0f} GiB "
+              "peak RSS (one training step per probe, no gradient checkpointing)", flush=True)  # fmt: skip
+        found = {run: longest_completion(model_dir, run, args.threads)[0] for run in ("lit_pref", "trl")}
+        ratio = f"{found['lit_pref'] / found['trl']:.1f}×" if found["trl"] else "—"
+        print(f"longest completion: lit_pref {found['lit_pref']}, TRL {found['trl']} tokens: lit_pref / TRL = {ratio}")
 
 
 if __name__ == "__main__":

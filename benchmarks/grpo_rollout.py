@@ -5,27 +5,36 @@ randomly initialised Qwen2-style model (the task tokenizer; hidden size and dept
 same number of prompts per step, completions per prompt, completion length limit, sampling
 temperature, β and learning rate, fp32, gradient checkpointing off on both sides unless asked
 for (TRL turns it on by default). Generated tokens are counted where both trainers hand
-them over: the reward function receives each completion's token ids. Each side runs in its own
-process. Run by hand (TRL is an optional extra: ``pip install -e .[bench]``)::
+them over: the reward function receives each completion's token ids. Run by hand (TRL is an
+optional extra: ``pip install -e .[bench]``)::
 
-    python benchmarks/grpo_rollout.py [--steps 6] [--warmup 2] [--threads 2] [--repeats 1] [--device cpu]
+    python benchmarks/grpo_rollout.py [--pairs 3] [--steps 6] [--warmup 2] [--threads 2] [--device cpu]
+    python benchmarks/grpo_rollout.py --engine vllm        # lit_pref with the vLLM engine (its venv)
+    python benchmarks/grpo_rollout.py --mode prefill [--prompt-length 512] [--ks 1 4 8]
 
-Reports, per side, generated tokens per second of whole training steps (rollout + rewards +
-update) and, for lit_pref, of the rollout phase alone (sampling plus the no-grad reference
-scoring), with the median step time. If TRL is not installed its column says so and lit_pref is
-still measured.
+The sides alternate in pairs (lit_pref, TRL, lit_pref, TRL …), each run in a fresh process
+(``benchmarks/pairs.py``), so load that drifts on a shared machine lands on both sides of each
+pair's ratio. Reports each pair's whole-step generated tokens per second (rollout + rewards +
+update) and their ratio, the median of the pair ratios with min and max (and a warning when they
+spread too far to trust), and the median per side of the rollout phase alone (sampling plus the
+no-grad reference scoring) and of the step time.
+
+``--mode prefill`` measures the built-in engine alone on prompts of ``--prompt-length`` tokens:
+for each k in ``--ks``, generated tokens per second with each prompt prefilled once and its KV
+cache shared by its k completions, against prefilling every completion's copy (and against
+``transformers``' ``generate``, the engine lit_pref used before), in pairs the same way.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import pairs
 
 SIDES = ("lit_pref", "trl")
 
@@ -81,20 +90,27 @@ def run_lit_pref(args: argparse.Namespace) -> dict:
         temperature=1.0,
         beta=args.beta,
         rollout_batch_size=args.prompts * args.num_generations,
+        rollout_engine=args.engine,
         dtype="float32",
         gradient_checkpointing=args.gradient_checkpointing,
         optimizer=partial(torch.optim.AdamW, lr=args.lr),
     )
     rollout_times: list[float] = []
-    collect = module.collect_rollout
+    sample, prepare = module.sample, module.prepare
 
-    def timed_collect(batch):
+    def timed_sample(batch, num_generations=None):
         start = time.perf_counter()
-        rollout = collect(batch)
+        rollout = sample(batch, num_generations)
         rollout_times.append(time.perf_counter() - start)
         return rollout
 
-    module.collect_rollout = timed_collect
+    def timed_prepare(rollout):
+        start = time.perf_counter()
+        tensors = prepare(rollout)
+        rollout_times[-1] += time.perf_counter() - start
+        return tensors
+
+    module.sample, module.prepare = timed_sample, timed_prepare
 
     class Timer(L.Callback):
         def __init__(self) -> None:
@@ -191,21 +207,156 @@ def run_trl(args: argparse.Namespace) -> dict:
     return result
 
 
+def prompt_of_length(tokenizer, length: int, index: int) -> list[int]:
+    """``length`` tokens of the task corpus, starting at a different place for each ``index``."""
+    from lit_pref import tasks
+
+    corpus = tokenizer(" ".join(tasks.corpus()), add_special_tokens=False).input_ids
+    corpus = corpus * (1 + (length + 31 * index) // len(corpus))
+    return corpus[31 * index : 31 * index + length]
+
+
+def run_prefill(args: argparse.Namespace) -> dict:
+    """Generated tokens per second of the built-in engine (or ``generate``) on long prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lit_pref.engines import GenerateEngine, GenerationSettings
+    from lit_pref.engines.base import cut_after_eos, eos_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
+    width = args.prompt_length
+    ids = torch.tensor(
+        [prompt_of_length(tokenizer, width, i) for i in range(args.prompts)], device=args.device
+    )
+    mask = torch.ones_like(ids)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    k = args.num_generations
+
+    def hf_generate() -> int:
+        eos = eos_token_ids(model, tokenizer)
+        config = settings.generation_config(eos, tokenizer.pad_token_id, k)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        return int(cut_after_eos(out[:, width:], eos, tokenizer.pad_token_id)[1].sum())
+
+    def engine() -> int:
+        samples = GenerateEngine(share_prompt=args.run == "shared").sample(
+            model, ids, mask, k, settings, tokenizer
+        )
+        return int(samples.completion_attention_mask.sum())
+
+    sample = hf_generate if args.run == "generate" else engine
+    times, tokens = [], []
+    for i in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        n = sample()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+            tokens.append(n)
+    return {"tokens_per_s": sum(tokens) / sum(times), "median_call_s": statistics.median(times)}
+
+
+PREFILL_RUNS = {"shared": "lit_pref engine, shared prefill", "unshared": "lit_pref engine, prefill per completion",
+                "generate": "transformers generate"}  # fmt: skip
+
+
 def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.manual_seed(0)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    result = run_lit_pref(args) if args.run == "lit_pref" else run_trl(args)
-    print("RESULT " + json.dumps(result), flush=True)
+    if args.run in PREFILL_RUNS:
+        result = run_prefill(args)
+    else:
+        result = run_lit_pref(args) if args.run == "lit_pref" else run_trl(args)
+    pairs.emit(result)
+
+
+def child_argv(model: Path, run: str, *extra: str) -> list[str]:
+    return [sys.executable, __file__, *sys.argv[1:], *extra, "--model", str(model), "--run", run]
+
+
+def compare_with_trl(args: argparse.Namespace, model: Path) -> None:
+    engine = "" if args.engine == "generate" else f", {args.engine} engine"
+    names = (f"lit_pref GRPO{engine}", "TRL GRPOTrainer")
+    comparison = pairs.run_pairs(
+        child_argv(model, "lit_pref"),
+        child_argv(model, "trl"),
+        "tokens_per_s",
+        args.pairs,
+        names,
+        args.max_spread,
+    )
+    version = next((r["version"] for r in comparison.runs_b if "version" in r), None)
+    print(
+        f"\nGRPO rollout throughput — random Qwen2 (hidden {args.hidden}, {args.layers} layers, task tokenizer), "
+        f"{args.prompts} prompts × {args.num_generations} completions ≤ {args.max_new_tokens} tokens per step, "
+        f"β={args.beta}, fp32, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {args.device}"
+        + (f" ({args.threads} threads)" if args.device == "cpu" else "")
+        + f"; {args.steps} timed steps after {args.warmup} warm-up per run; TRL {version or '—'}"
+    )
+    rows = [
+        ("generated tokens / s (whole step)", "tokens_per_s", "{:.0f}"),
+        ("generated tokens / s (rollout only)", "rollout_tokens_per_s", "{:.0f}"),
+        ("median step time (s)", "median_step_s", "{:.3f}"),
+    ]
+    print(f"{'median over runs':38s}" + "".join(f"{n:>30s}" for n in names))
+    for label, key, fmt in rows:
+        cells = [comparison.median_of(side, key) for side in (0, 1)]
+        print(f"{label:38s}" + "".join(f"{fmt.format(c) if c is not None else '—':>30s}" for c in cells))
+    print(comparison.report("{:.0f}"))
+
+
+def prefill_scaling(args: argparse.Namespace, model: Path) -> None:
+    print(
+        f"Prefill sharing — random Qwen2 (hidden {args.hidden}, {args.layers} layers), {args.prompts} prompts of "
+        f"{args.prompt_length} tokens, k completions ≤ {args.max_new_tokens} tokens each, fp32, {args.device}"
+        + (f" ({args.threads} threads)" if args.device == "cpu" else "")
+        + f"; {args.steps} timed calls after {args.warmup} warm-up per run; figure: generated tokens / s"
+    )
+    summary = []
+    for k in args.ks:
+        extra = ("--num-generations", str(k))
+        for baseline in args.against:
+            print(f"\nk = {k}: {PREFILL_RUNS['shared']} vs {PREFILL_RUNS[baseline]}")
+            comparison = pairs.run_pairs(
+                child_argv(model, "shared", *extra),
+                child_argv(model, baseline, *extra),
+                "tokens_per_s",
+                args.pairs,
+                ("shared", baseline),
+                args.max_spread,
+            )
+            print(comparison.report("{:.0f}"))
+            summary.append((k, baseline, comparison))
+    print(
+        f"\n{'k':>3s} {'shared tok/s':>14s} {'baseline':>10s} {'baseline tok/s':>15s} {'median ratio':>13s} {'min–max':>13s}"
+    )
+    for k, baseline, c in summary:
+        shared, other, ratios = c.median_of(0, "tokens_per_s"), c.median_of(1, "tokens_per_s"), c.ratios
+        span = f"{min(ratios):.2f}–{max(ratios):.2f}" if ratios else "—"
+        cells = [f"{v:.0f}" if v is not None else "—" for v in (shared, other)]
+        median = f"{c.median:.2f}×" if c.median is not None else "—"
+        print(f"{k:>3d} {cells[0]:>14s} {baseline:>10s} {cells[1]:>15s} {median:>13s} {span:>13s}"
+              + ("" if c.trustworthy else "  (spread too wide)"))  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=6, help="timed training steps per side")
+    parser.add_argument("--mode", choices=("trl", "prefill"), default="trl",
+                        help="trl: whole GRPO steps against TRL; prefill: the engine's prefill sharing on long prompts")  # fmt: skip
+    parser.add_argument(
+        "--pairs", type=int, default=3, help="alternating pairs of runs (each run its own process)"
+    )
+    parser.add_argument("--max-spread", type=float, default=1.25,
+                        help="max/min of the pair ratios above which the result is flagged untrustworthy")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=6, help="timed training steps (prefill: calls) per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
     parser.add_argument("--num-generations", type=int, default=8, help="completions per prompt")
@@ -219,71 +370,30 @@ def main() -> None:
     parser.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations in backward (both sides)"
     )
+    parser.add_argument(
+        "--engine", choices=("generate", "vllm"), default="generate", help="lit_pref's rollout engine"
+    )
+    parser.add_argument("--prompt-length", type=int, default=512, help="prefill mode: prompt tokens")
+    parser.add_argument(
+        "--ks", type=int, nargs="+", default=[1, 4, 8], help="prefill mode: completions per prompt"
+    )
+    parser.add_argument("--against", nargs="+", choices=("unshared", "generate"), default=["unshared", "generate"],
+                        help="prefill mode: what shared prefill is compared with")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument(
-        "--repeats", type=int, default=1, help="alternating runs per side; the fastest is kept"
-    )
     parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--run", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--run", choices=(*SIDES, *PREFILL_RUNS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
         child(args)
         return
-
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "model"
         build(model, args.hidden, args.layers)
-        results: dict[str, dict] = {}
-        # Sides alternate, and the fastest repeat of each is kept: on a shared machine that is the
-        # measurement least disturbed by other load.
-        for _ in range(args.repeats):
-            for side in SIDES:
-                argv = [sys.executable, __file__, *sys.argv[1:], "--model", str(model), "--run", side]
-                proc = subprocess.run(argv, capture_output=True, text=True)
-                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if line is None:
-                    result = {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
-                else:
-                    result = json.loads(line.removeprefix("RESULT "))
-                best = results.get(side, {})
-                if result.get("tokens_per_s", -1) > best.get("tokens_per_s", -1) or not best:
-                    results[side] = result
-                if "unavailable" in result:
-                    results[side] = result
-
-    print(
-        f"GRPO rollout throughput — random Qwen2 (hidden {args.hidden}, {args.layers} layers, task tokenizer), "
-        f"{args.prompts} prompts × {args.num_generations} completions ≤ {args.max_new_tokens} tokens per step, "
-        f"β={args.beta}, fp32, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {args.device}"
-        + (f" ({args.threads} threads)" if args.device == "cpu" else "")
-        + f"; {args.steps} timed steps after {args.warmup} warm-up"
-    )
-    rows = [
-        ("generated tokens / s (whole step)", "tokens_per_s", "{:.0f}"),
-        ("generated tokens / s (rollout only)", "rollout_tokens_per_s", "{:.0f}"),
-        ("median step time (s)", "median_step_s", "{:.3f}"),
-        ("generated tokens (timed steps)", "generated_tokens", "{:d}"),
-    ]
-    names = {
-        "lit_pref": "lit_pref GRPO",
-        "trl": "TRL GRPOTrainer"
-        + (f" {results['trl']['version']}" if "version" in results.get("trl", {}) else ""),
-    }
-    print(f"{'':38s}" + "".join(f"{names[s]:>26s}" for s in SIDES))
-    for label, key, fmt in rows:
-        cells = []
-        for side in SIDES:
-            value = results[side].get(key)
-            cells.append(fmt.format(value) if value is not None else "—")
-        print(f"{label:38s}" + "".join(f"{c:>26s}" for c in cells))
-    for side in SIDES:
-        for problem in ("unavailable", "error"):
-            if problem in results[side]:
-                print(f"{names[side]}: {problem}: {results[side][problem]}")
-    if all("tokens_per_s" in results[s] for s in SIDES):
-        ratio = results["lit_pref"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
-        print(f"lit_pref / TRL, whole-step generated tokens per second: {ratio:.2f}×")
+        if args.mode == "prefill":
+            prefill_scaling(args, model)
+        else:
+            compare_with_trl(args, model)
 
 
 if __name__ == "__main__":
