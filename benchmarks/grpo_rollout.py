@@ -10,6 +10,7 @@ optional extra: ``pip install -e .[bench]``)::
 
     python benchmarks/grpo_rollout.py [--pairs 3] [--steps 6] [--warmup 2] [--threads 2] [--device cpu]
     python benchmarks/grpo_rollout.py --engine vllm        # lit_pref with the vLLM engine (its venv)
+    .venv-vllm/bin/python benchmarks/grpo_rollout.py --mode engines   # the vLLM engine vs the built-in one
     python benchmarks/grpo_rollout.py --mode prefill [--prompt-length 512] [--ks 1 4 8]
 
 The sides alternate in pairs (lit_pref, TRL, lit_pref, TRL …), each run in a fresh process
@@ -311,6 +312,23 @@ def compare_with_trl(args: argparse.Namespace, model: Path) -> None:
     print(comparison.report("{:.0f}"))
 
 
+def compare_engines(args: argparse.Namespace, model: Path) -> None:
+    """lit_pref's whole GRPO step with the vLLM engine against the built-in one, in pairs."""
+    names = ("lit_pref GRPO, vllm engine", "lit_pref GRPO, built-in engine")
+    comparison = pairs.run_pairs(
+        child_argv(model, "lit_pref", "--engine", "vllm"),
+        child_argv(model, "lit_pref", "--engine", "generate"),
+        "tokens_per_s",
+        args.pairs,
+        names,
+        args.max_spread,
+    )
+    for key in ("tokens_per_s", "rollout_tokens_per_s", "median_step_s"):
+        cells = [comparison.median_of(side, key) for side in (0, 1)]
+        print(f"median {key}: " + ", ".join(f"{n} {c:.3g}" if c is not None else f"{n} —" for n, c in zip(names, cells, strict=True)))
+    print(comparison.report("{:.0f}"))
+
+
 def prefill_scaling(args: argparse.Namespace, model: Path) -> None:
     print(
         f"Prefill sharing — random Qwen2 (hidden {args.hidden}, {args.layers} layers), {args.prompts} prompts of "
@@ -349,8 +367,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--mode", choices=("trl", "prefill"), default="trl",
-                        help="trl: whole GRPO steps against TRL; prefill: the engine's prefill sharing on long prompts")  # fmt: skip
+    parser.add_argument("--mode", choices=("trl", "engines", "prefill"), default="trl",
+                        help="trl: whole GRPO steps against TRL; engines: the vLLM engine against the built-in one "
+                             "(in the vLLM venv); prefill: the engine's prefill sharing on long prompts")  # fmt: skip
     parser.add_argument(
         "--pairs", type=int, default=3, help="alternating pairs of runs (each run its own process)"
     )
@@ -392,6 +411,8 @@ def main() -> None:
         build(model, args.hidden, args.layers)
         if args.mode == "prefill":
             prefill_scaling(args, model)
+        elif args.mode == "engines":
+            compare_engines(args, model)
         else:
             compare_with_trl(args, model)
 
