@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from lit_pref.diffusion.data import ImageRows, ImageTarget
-from lit_pref.models import apply_lora
+from lit_pref.models import DTYPES, apply_lora
 from lit_pref.modules.base import AlignmentModule
 
 # LoRA on the UNet's attention projections unless ``peft`` names other modules (DDPO's and
@@ -39,12 +39,10 @@ def component_path(source: str, component: str) -> str:
 
 def torch_dtype(name: str) -> torch.dtype | None:
     """``auto`` → ``None`` (as saved), else the named dtype."""
-    if name == "auto":
-        return None
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
-    return dtype
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    dtype = DTYPES[name]
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 class DiffusionModule(AlignmentModule):
