@@ -128,12 +128,9 @@ class Rollout:
         """``vision_inputs`` / ``image_counts`` of ``prompt_rows`` (nothing for text prompts)."""
         if self.vision_inputs is None or self.image_counts is None:
             return {}
-        from lit_pref.vision.processing import vision_inputs_of
+        from lit_pref.vision.processing import vision_of_prompts
 
-        return {
-            "vision_inputs": vision_inputs_of(self.vision_inputs, self.image_counts, prompt_rows),
-            "image_counts": self.image_counts[prompt_rows.to(self.image_counts.device)],
-        }
+        return vision_of_prompts(self.vision_inputs, self.image_counts, prompt_rows)
 
     def chunks(self, max_completions: int) -> Iterator[Rollout]:
         """Consecutive sub-rollouts of whole prompt groups with at most ``max_completions`` rows

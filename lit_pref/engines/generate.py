@@ -33,7 +33,7 @@ from lit_pref.engines.base import (
 )
 from lit_pref.ops import cache_argument, decoder_and_head, position_ids_from_mask
 from lit_pref.vision.modeling import check_vision_inputs
-from lit_pref.vision.processing import repeat_vision_inputs, vision_inputs_of
+from lit_pref.vision.processing import repeat_vision_inputs, vision_of_prompts
 
 
 class GenerateEngine(RolloutEngine):
@@ -236,8 +236,7 @@ def sample_completions(
             vision: dict[str, Any] = {}
             if vision_inputs is not None and image_counts is not None:
                 rows = torch.arange(start, min(start + step, prompt_input_ids.shape[0]))
-                vision = {"vision_inputs": vision_inputs_of(vision_inputs, image_counts, rows),
-                          "image_counts": image_counts[rows.to(image_counts.device)]}  # fmt: skip
+                vision = vision_of_prompts(vision_inputs, image_counts, rows)
             tokens = decode(model, ids, mask, settings, eos_ids, pad_id, num_generations, share_prompt, **vision)
             pieces.append(cut_after_eos(tokens, eos_ids, pad_id))
     finally:

@@ -98,6 +98,15 @@ def repeat_vision_inputs(inputs: dict[str, Tensor], image_counts: Tensor, k: int
     return vision_inputs_of(inputs, image_counts, prompts)
 
 
+def vision_of_prompts(inputs: dict[str, Tensor], image_counts: Tensor, prompt_rows: Tensor) -> dict[str, Any]:
+    """The ``vision_inputs`` and ``image_counts`` of the prompts ``prompt_rows``: the two batch
+    fields a sub-batch of those prompts carries."""
+    return {
+        "vision_inputs": vision_inputs_of(inputs, image_counts, prompt_rows),
+        "image_counts": image_counts[prompt_rows.to(image_counts.device)],
+    }
+
+
 def vision_inputs_of(inputs: dict[str, Tensor], image_counts: Tensor, prompt_rows: Tensor) -> dict[str, Tensor]:
     """The vision inputs of the prompts ``prompt_rows`` (indices into the ``Bp`` prompts that
     ``image_counts`` counts images of, repeats allowed), in that order.
