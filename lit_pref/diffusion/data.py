@@ -12,7 +12,6 @@ column), ``{"bytes": …}`` / ``{"path": …}`` dicts, file paths, or ``[H, W, 3
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -22,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lit_pref.data.formats import DataFormatError
+from lit_pref.vision.images import load_image
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -34,20 +34,11 @@ WORKING_COLUMNS = ("_row", "index")
 
 
 def open_image(value: Any) -> Image.Image:
-    """An RGB ``PIL`` image from any of the accepted cell types."""
-    from PIL import Image  # Pillow comes with the diffusion extra
-
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, bytes):
-        value = Image.open(io.BytesIO(value))
-    elif isinstance(value, str):
-        value = Image.open(value)
-    elif isinstance(value, np.ndarray):
-        value = Image.fromarray(value.astype(np.uint8))
-    if not isinstance(value, Image.Image):
-        raise DataFormatError(f"expected an image (PIL image, bytes, path or array), got {type(value).__name__}")
-    return value.convert("RGB")
+    """:func:`lit_pref.vision.images.load_image`, a cell that is no image reported as a data error."""
+    try:
+        return load_image(value)
+    except TypeError as error:
+        raise DataFormatError(str(error)) from None
 
 
 def image_tensor(image: Image.Image, resolution: int) -> Tensor:

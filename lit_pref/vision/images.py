@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 IMAGES_COLUMN = "images"
@@ -18,11 +19,13 @@ def load_image(value: Any) -> Image.Image:
     """One image as an RGB PIL image.
 
     Args:
-        value: a PIL image, a file path, raw encoded bytes, or a ``datasets`` ``Image`` value left
-            undecoded (``{"bytes": …, "path": …}``).
+        value: a PIL image, a file path, raw encoded bytes, a ``datasets`` ``Image`` value left
+            undecoded (``{"bytes": …, "path": …}``), or an ``[H, W(, C)]`` array of pixel values.
     """
     if isinstance(value, Image.Image):
         image = value
+    elif isinstance(value, np.ndarray):
+        image = Image.fromarray(value.astype(np.uint8))
     elif isinstance(value, bytes | bytearray):
         image = Image.open(io.BytesIO(value))
     elif isinstance(value, str | Path):
@@ -33,7 +36,7 @@ def load_image(value: Any) -> Image.Image:
         return load_image(value["bytes"] if value.get("bytes") is not None else value["path"])
     else:
         raise TypeError(
-            f"an image must be a PIL image, a file path, raw bytes or a datasets Image value, got {type(value).__name__}"
+            f"an image must be a PIL image, a file path, raw bytes, a datasets Image value or an array, got {type(value).__name__}"
         )
     return image if image.mode == "RGB" else image.convert("RGB")
 
