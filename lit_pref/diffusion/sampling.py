@@ -98,6 +98,8 @@ class DiffusionRollout:
         latents: ``[N, S + 1, C, h, w]`` x_T … x_0 (``S`` denoising steps).
         log_probs: ``[N, S]`` log p_θold of each step taken.
         timesteps: ``[S]`` the scheduler's timesteps, in sampling order.
+        negative: ``[1, L, D]`` text-encoder states of the guidance's negative prompt (the same
+            for every sample; kept so training re-scores steps without encoding it again).
         images: ``[N, 3, H, W]`` decoded images in [0, 1].
     """
 
@@ -107,6 +109,7 @@ class DiffusionRollout:
     latents: Tensor
     log_probs: Tensor
     timesteps: Tensor
+    negative: Tensor
     images: Tensor = field(repr=False)
 
     def select(self, rows: Tensor) -> DiffusionRollout:
@@ -119,6 +122,7 @@ class DiffusionRollout:
             self.latents[rows],
             self.log_probs[rows],
             self.timesteps,
+            self.negative,
             self.images[rows],
         )
 

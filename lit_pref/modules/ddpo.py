@@ -149,7 +149,8 @@ class DDPO(DiffusionModule):
                 latent_size=self.latent_size, generator=generator,
             )))  # fmt: skip
         embeds, latents, log_probs, timesteps, images = (torch.cat([c[i] for c in chunks]) for i in range(5))
-        return DiffusionRollout(prompts, metadata, embeds, latents, log_probs, timesteps[: self.num_inference_steps], images)
+        steps = timesteps[: self.num_inference_steps]
+        return DiffusionRollout(prompts, metadata, embeds, latents, log_probs, steps, negative, images)
 
     def rewards(self, rollout: DiffusionRollout) -> Tensor:
         """``[N]`` rewards of the rollout's images (on the module's device)."""
@@ -182,7 +183,7 @@ class DDPO(DiffusionModule):
         rows = torch.arange(len(steps), device=steps.device)
         latents, taken = rollout.latents[rows, steps], rollout.latents[rows, steps + 1]
         timesteps = rollout.timesteps[steps]
-        negative = self.encode_prompts([self.negative_prompt]).expand_as(rollout.embeds)
+        negative = rollout.negative.expand_as(rollout.embeds)
         scale = self.guidance_scale if self.train_cfg else 1.0
         eps = guided_noise(self.policy, self.scheduler.scale_model_input(latents, timesteps), timesteps,
                            rollout.embeds, negative, scale)  # fmt: skip
