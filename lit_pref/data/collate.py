@@ -36,11 +36,14 @@ TOKEN_COLUMNS = (
 )
 
 
+def padded_width(width: int, multiple_of: int | None) -> int:
+    """``width`` rounded up to a multiple of ``multiple_of`` (unchanged when it is ``None``)."""
+    return -(-width // multiple_of) * multiple_of if multiple_of else width
+
+
 def pad(sequences: Sequence[Sequence[int]], value: int, left: bool = False, multiple_of: int | None = None) -> Tensor:
     """``[B, T]`` tensor of ``sequences`` padded with ``value`` to the longest (rounded up to ``multiple_of``)."""
-    width = max((len(s) for s in sequences), default=0)
-    if multiple_of:
-        width = -(-width // multiple_of) * multiple_of
+    width = padded_width(max((len(s) for s in sequences), default=0), multiple_of)
     out = torch.full((len(sequences), width), value, dtype=torch.long)
     for i, seq in enumerate(sequences):
         if len(seq):

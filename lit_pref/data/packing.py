@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lit_pref.data.collate import Collator
+from lit_pref.data.collate import Collator, padded_width
 
 PACKED_COLUMNS = ("packed_input_ids", "packed_position_ids", "packed_sequence_ids", "packed_branch_ids")
 
@@ -65,25 +65,22 @@ def pack_groups(
     completions: list[list[list[int]]],
     max_length: int,
     pad_token_id: int,
+    completion_width: int,
     pad_to_multiple_of: int | None = None,
 ) -> dict[str, Tensor]:
     """The padding-free layout (the module docstring's columns) of ``prompts[i]`` followed by
-    each of ``completions[i]``; completion rows of ``packed_source`` follow group order."""
+    each of ``completions[i]``; completion rows of ``packed_source`` follow group order and are
+    ``completion_width`` wide (the padded completions' width, whose layout it indexes)."""
     if any(not prompt for prompt in prompts):
         raise ValueError("every packed prompt needs at least one token (it predicts the first completion token)")
     lengths = [len(p) + sum(len(c) for c in cs) for p, cs in zip(prompts, completions, strict=True)]
     rows = first_fit_decreasing(lengths, max(max_length, *lengths))
-    width = max(sum(lengths[i] for i in row) for row in rows)
-    if pad_to_multiple_of:
-        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    width = padded_width(max(sum(lengths[i] for i in row) for row in rows), pad_to_multiple_of)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
     sequence_ids = torch.full(shape, -1, dtype=torch.long)
     branch_ids = torch.full(shape, -1, dtype=torch.long)
-    completion_width = max((len(c) for cs in completions for c in cs), default=0)
-    if pad_to_multiple_of:
-        completion_width = -(-completion_width // pad_to_multiple_of) * pad_to_multiple_of
     first_completion_row = [0]
     for cs in completions:
         first_completion_row.append(first_completion_row[-1] + len(cs))
@@ -153,5 +150,6 @@ class PackingCollator:
             raise ValueError("packing applies to rows with completions (SFT, paired, unpaired), not to prompts only")
         batch = Collator(self.pad_token_id, self.pad_to_multiple_of)(rows)
         prompts = [list(r["prompt_input_ids"]) for r in rows]
-        batch.update(pack_groups(prompts, completions, self.max_length, self.pad_token_id, self.pad_to_multiple_of))
+        width = batch["completion_input_ids"].shape[1]
+        batch.update(pack_groups(prompts, completions, self.max_length, self.pad_token_id, width, self.pad_to_multiple_of))
         return batch
