@@ -176,7 +176,9 @@ def completion_hidden(
         offsets = torch.arange(completion_input_ids.shape[1], device=completion_input_ids.device)
         completion_out = decoder(
             input_ids=completion_input_ids,
-            attention_mask=torch.cat([prompt_mask, completion_attention_mask], 1),
+            attention_mask=prefix_causal_mask(prompt_mask, completion_attention_mask, attention_dtype(decoder))
+            if takes_dense_mask(decoder)
+            else torch.cat([prompt_mask, completion_attention_mask], 1),
             position_ids=prompt_lengths + offsets,
             **{cache_name: cache},
             use_cache=True,
@@ -355,15 +357,59 @@ def hidden_logps(
     )
 
 
+def attention_implementation(model: torch.nn.Module) -> str:
+    """The attention implementation ``model`` runs (``transformers``' default: ``sdpa``)."""
+    return str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa")
+
+
+def takes_dense_mask(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s attention takes a dense ``[B, 1, Q, K]`` mask (eager and SDPA do)."""
+    return attention_implementation(model) in ("eager", "sdpa")
+
+
+def attention_dtype(decoder: torch.nn.Module) -> torch.dtype:
+    """The dtype ``decoder``'s attention scores are computed in: autocast's while it is on, else
+    its embeddings'. A dense mask built in it reaches every layer as the same tensor."""
+    weight = decoder.get_input_embeddings().weight
+    device_type = weight.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """``allowed`` (True: attend) as an additive mask: 0 where allowed, ``dtype``'s most negative value elsewhere.
+
+    Built once per forward pass and passed as a 4-D ``attention_mask``, one tensor serves every
+    layer; a boolean mask would be converted to such a float copy by SDPA in every layer, each
+    copy kept for backward (``[B, Q, K]`` floats per layer).
+    """
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def prefix_causal_mask(prefix_mask: Tensor, completion_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[B, 1, L, P + L]`` additive mask of completions of ``L`` tokens after a cached prefix of ``P``.
+
+    ``prefix_mask`` (``[B, P]``) and ``completion_mask`` (``[B, L]``) mark real tokens; query
+    ``i`` (position ``P + i``) sees the real keys at positions ``≤ P + i``, as ``transformers``'
+    own causal padding mask. Every query sees the prefix's real tokens, so no softmax row is empty.
+    """
+    prefix, length = prefix_mask.shape[1], completion_mask.shape[1]
+    keys = torch.arange(prefix + length, device=prefix_mask.device)
+    queries = torch.arange(length, device=prefix_mask.device) + prefix
+    real = torch.cat([prefix_mask, completion_mask], 1).bool()
+    allowed = (keys[None, :] <= queries[:, None])[None] & real[:, None, :]
+    return additive_mask(allowed[:, None], dtype)
+
+
 def block_causal_mask(sequence_ids: Tensor, dtype: torch.dtype = torch.bool, branch_ids: Tensor | None = None) -> Tensor:
     """``[R, 1, T, T]`` attention mask: causal within each segment, nothing across segments.
 
     Query ``q`` may attend to key ``k`` when both lie in the same example and ``k ≤ q``; with
     ``branch_ids`` (prompt 0, completions 1, 2, …) also only when ``k`` is a prompt token or in
     ``q``'s own completion. A padding position attends to itself only, so no softmax row is
-    empty. With ``dtype=torch.bool`` the mask is True where attention is allowed (SDPA's format);
-    with a floating dtype it is additive, 0 where allowed and the dtype's most negative value
-    elsewhere (eager attention's format).
+    empty. With ``dtype=torch.bool`` the mask is True where attention is allowed; with a floating
+    dtype it is :func:`additive_mask`'s, the form :func:`packed_logps` passes to every layer.
     """
     width = sequence_ids.shape[-1]
     positions = torch.arange(width, device=sequence_ids.device)
@@ -373,11 +419,7 @@ def block_causal_mask(sequence_ids: Tensor, dtype: torch.dtype = torch.bool, bra
         same &= (branch_ids[:, None, :] == 0) | (branch_ids[:, None, :] == branch_ids[:, :, None])
     allowed = (same & causal) | torch.eye(width, dtype=torch.bool, device=sequence_ids.device)
     allowed = allowed[:, None]
-    if dtype == torch.bool:
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=sequence_ids.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )
+    return allowed if dtype == torch.bool else additive_mask(allowed, dtype)
 
 
 def packed_logps(
@@ -408,15 +450,14 @@ def packed_logps(
     if batch.get("vision_inputs") is not None:
         raise ValueError("packing does not take image inputs yet; use the padded layout (packing: false)")
     decoder, head = decoder_and_head(model)
-    implementation = str(getattr(model.config, "_attn_implementation", None) or "sdpa")
+    implementation = attention_implementation(model)
     if attention == "auto":
-        attention = "mask" if implementation in ("eager", "sdpa") else "position_ids"
+        attention = "mask" if takes_dense_mask(model) else "position_ids"
     branches: Tensor = batch["packed_branch_ids"]
     sequences: Tensor = batch["packed_sequence_ids"]
     mask = None
     if attention == "mask":
-        # Eager attention adds the mask to its scores; SDPA takes booleans (True: attend).
-        mask = block_causal_mask(sequences, torch.float32 if implementation == "eager" else torch.bool, branches)
+        mask = block_causal_mask(sequences, attention_dtype(decoder), branches)
     elif int(branches.max()) > 1:
         raise ValueError(
             f"packed prompts with several completions need the attention mask (eager or sdpa attention, "

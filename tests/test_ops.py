@@ -95,6 +95,34 @@ def test_share_prompt_equals_concatenated_rows_values_and_gradients(tokenizer):
         torch.testing.assert_close(shared_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def layer_masks(model):
+    """Collects the ``attention_mask`` each attention layer receives."""
+    seen = []
+    for layer in model.get_decoder().layers:
+        layer.self_attn.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(kwargs["attention_mask"]), with_kwargs=True
+        )
+    return seen
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_shared_prompt_pass_gives_every_layer_one_mask_in_the_attention_dtype(tokenizer, autocast):
+    # SDPA converts a boolean mask to a float copy in every layer (each kept for backward): the
+    # shared-prompt pass builds the float mask once instead.
+    model = build_tiny_causal_lm(tokenizer, seed=4)
+    seen = layer_masks(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        completion_logps(model, *make_batch(), share_prompt=True)
+    layers = len(model.get_decoder().layers)
+    completion_pass = seen[layers:]  # after the prompt pass, one call per layer
+    assert len(completion_pass) == layers
+    assert all(mask is completion_pass[0] for mask in completion_pass)
+    mask = completion_pass[0]
+    assert mask.dtype == (torch.bfloat16 if autocast else torch.float32)
+    prompt_width, completion_width = make_batch()[0].shape[1], make_batch()[2].shape[1]
+    assert mask.shape == (len(COMPLETIONS), 1, completion_width, prompt_width + completion_width)
+
+
 def test_chunk_size_does_not_change_values_or_gradients(tokenizer):
     batch = make_batch()
     results = []
