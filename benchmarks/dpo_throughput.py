@@ -46,9 +46,15 @@ RUNS = {
     "lit_pref": ("lit_pref", False, False, False),
     "lit_pref_packed": ("lit_pref", False, False, True),
     "lit_pref_pre": ("lit_pref", True, False, False),
+    "lit_pref_gc": ("lit_pref", False, True, False),
     "trl": ("trl", False, False, False),
     "trl_gc": ("trl", False, True, False),
     "trl_pre": ("trl", True, False, False),
+}
+# The memory probe's settings: (lit_pref run, TRL run), each library with the same setting.
+LONGEST = {
+    "no gradient checkpointing": ("lit_pref", "trl"),
+    "gradient checkpointing on both": ("lit_pref_gc", "trl_gc"),
 }
 # (data set, A, B): each comparison is run as interleaved pairs.
 COMPARISONS = (
@@ -99,7 +105,9 @@ def row_tokens(row: dict[str, str]) -> int:
     return len(row["prompt"].split()) + len(row["chosen"].split()) + len(row["rejected"].split()) + 2
 
 
-def run_lit_pref(model_dir: str, steps: int, n_rows: int, precompute: bool, packing: bool, dataset: str) -> tuple[list[float], float]:
+def run_lit_pref(
+    model_dir: str, steps: int, n_rows: int, precompute: bool, gradient_checkpointing: bool, packing: bool, dataset: str
+) -> tuple[list[float], float]:
     import lightning as L
     from datasets import Dataset
 
@@ -121,6 +129,7 @@ def run_lit_pref(model_dir: str, steps: int, n_rows: int, precompute: bool, pack
         beta=0.1,
         precompute_ref_logps=precompute,
         ref_cache_dir=tempfile.mkdtemp(),
+        gradient_checkpointing=gradient_checkpointing,
     )
     # Packed sequences of up to 1,024 tokens (a prompt and its two completions fit in one).
     data = PreferenceDataModule(
@@ -171,19 +180,6 @@ def run_trl(
     loaded = rss_mib()
     trainer.train()
     return times, loaded
-
-
-def matmul_gflops(threads: int) -> float:
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    for _ in range(3):
-        a @ b
-    start, n = time.perf_counter(), 10
-    for _ in range(n):
-        a @ b
-    return 2 * 2048**3 * n / (time.perf_counter() - start) / 1e9
 
 
 def lit_pref_step_flops(precompute: bool) -> float:
@@ -260,7 +256,7 @@ def child(args: argparse.Namespace) -> None:
         measured = slice(args.steps, None)
         tokens = sum(row_tokens(r) for r in rows(n_rows, "skewed"))
     if library == "lit_pref":
-        times, loaded = run_lit_pref(args.model_dir, steps, n_rows, precompute, packing, args.data)
+        times, loaded = run_lit_pref(args.model_dir, steps, n_rows, precompute, gradient_checkpointing, packing, args.data)
     else:
         try:
             times, loaded = run_trl(args.model_dir, steps, n_rows, gradient_checkpointing, precompute, args.data)
@@ -295,7 +291,7 @@ def main() -> None:
         raise RuntimeError("synthetic rows are malformed")
     model_dir = Path(tempfile.mkdtemp()) / "model"
     build(model_dir)
-    peak_gflops = matmul_gflops(args.threads)
+    peak_gflops = pairs.matmul_gflops(args.threads)
     wanted = args.only.split(",")
     for dataset, a, b in COMPARISONS:
         if dataset not in wanted:
@@ -324,10 +320,13 @@ def main() -> None:
 
     if "longest" in wanted:
         print(f"\n== longest completion, prompt {LONG_PROMPT}, batch {BATCH}, within {MEMORY_LIMIT_MIB / 1024:.0f} GiB "
-              "peak RSS (one training step per probe, no gradient checkpointing)", flush=True)  # fmt: skip
-        found = {run: longest_completion(model_dir, run, args.threads)[0] for run in ("lit_pref", "trl")}
-        ratio = f"{found['lit_pref'] / found['trl']:.1f}×" if found["trl"] else "—"
-        print(f"longest completion: lit_pref {found['lit_pref']}, TRL {found['trl']} tokens: lit_pref / TRL = {ratio}")
+              "peak RSS (one training step per probe)", flush=True)  # fmt: skip
+        for setting, (ours, theirs) in LONGEST.items():
+            print(f"-- {setting}", flush=True)
+            found = {run: longest_completion(model_dir, run, args.threads)[0] for run in (ours, theirs)}
+            ratio = f"{found[ours] / found[theirs]:.1f}×" if found[theirs] else "—"
+            print(f"longest completion, {setting}: lit_pref {found[ours]}, TRL {found[theirs]} tokens: "
+                  f"lit_pref / TRL = {ratio}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

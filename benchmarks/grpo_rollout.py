@@ -97,9 +97,11 @@ def run_lit_pref(args: argparse.Namespace) -> dict:
         optimizer=partial(torch.optim.AdamW, lr=args.lr),
     )
     rollout_times: list[float] = []
+    prompt_tokens: list[int] = []
     sample, prepare = module.sample, module.prepare
 
     def timed_sample(batch, num_generations=None):
+        prompt_tokens.append(int(batch["prompt_attention_mask"].sum()))
         start = time.perf_counter()
         rollout = sample(batch, num_generations)
         rollout_times.append(time.perf_counter() - start)
@@ -141,7 +143,25 @@ def run_lit_pref(args: argparse.Namespace) -> dict:
     trainer.fit(module, data)
     tokens = [n for _, n in counter.calls]
     w = args.warmup
-    return summarise(timer.times[w:], tokens[w:], rollout_times[w:])
+    result = summarise(timer.times[w:], tokens[w:], rollout_times[w:])
+    result["median_step_gflop"] = statistics.median(
+        step_matmul_flops(module.policy, p, g) / 1e9 for p, g in zip(prompt_tokens[w:], tokens[w:], strict=False)
+    )
+    return result
+
+
+def step_matmul_flops(policy, prompt_tokens: int, generated_tokens: int) -> float:
+    """Matmul FLOPs of one lit_pref GRPO step (one iteration per rollout, a reference scored):
+    each prompt token through the decoder 5× (prefill, reference, policy forward, 2× backward;
+    each prompt once for its k completions), each generated token through decoder and LM head
+    5× (its decode step, reference, forward, backward). Attention scores are left out (< 2 % at
+    these lengths), so this is a lower bound on the work of any implementation of the step.
+    """
+    import torch
+
+    head = policy.get_output_embeddings()
+    decoder = sum(m.weight.numel() for m in policy.get_decoder().modules() if isinstance(m, torch.nn.Linear))
+    return 5 * 2 * (prompt_tokens * decoder + generated_tokens * (decoder + head.weight.numel()))
 
 
 def run_trl(args: argparse.Namespace) -> dict:
@@ -310,6 +330,15 @@ def compare_with_trl(args: argparse.Namespace, model: Path) -> None:
         cells = [comparison.median_of(side, key) for side in (0, 1)]
         print(f"{label:38s}" + "".join(f"{fmt.format(c) if c is not None else '—':>30s}" for c in cells))
     print(comparison.report("{:.0f}"))
+    gflop, trl_step = comparison.median_of(0, "median_step_gflop"), comparison.median_of(1, "median_step_s")
+    ours = comparison.median_of(0, "median_step_s")
+    if args.device == "cpu" and gflop and trl_step and ours:
+        peak = pairs.matmul_gflops(args.threads)
+        floor = gflop / peak
+        print(f"lit_pref's step: {gflop:.1f} GFLOP of matmuls at {gflop / ours:.1f} GFLOP/s = {gflop / ours / peak:.0%} of "
+              f"the measured fp32 matmul peak ({peak:.1f} GFLOP/s, 2048² matmul); at 100 % of the peak the step would "
+              f"take {floor:.3f} s, {trl_step / floor:.2f}× TRL's median step: the most any implementation of this step "
+              "reaches against TRL on this machine")  # fmt: skip
 
 
 def compare_engines(args: argparse.Namespace, model: Path) -> None:

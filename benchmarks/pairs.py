@@ -53,6 +53,24 @@ def run_once(argv: Sequence[str], timeout: float | None = None) -> dict[str, Any
     return json.loads(line.removeprefix(PREFIX))
 
 
+def matmul_gflops(threads: int | None = None) -> float:
+    """The machine's fp32 matmul throughput (GFLOP/s of a 2048² × 2048² product): the peak a
+    step's matmuls are measured against."""
+    import time
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(3):
+        a @ b
+    start, n = time.perf_counter(), 10
+    for _ in range(n):
+        a @ b
+    return 2 * 2048**3 * n / (time.perf_counter() - start) / 1e9
+
+
 @dataclass
 class Comparison:
     """The runs of an A/B comparison and the statistics of their per-pair ratios.

@@ -17,9 +17,10 @@ from lit_pref.engines.generate import decode, logits_warpers
 PROMPTS = ["Write a happy line about rain:", "Write a sad line about the sea, please:", "Rain:"]
 
 
-@pytest.fixture(scope="module")
-def lm(tiny_lm_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def lm(tiny_lm_dir, request):
+    # Both take the decode loop's own 4-D step mask (eager adds it to its scores, SDPA passes it on).
+    return AutoModelForCausalLM.from_pretrained(tiny_lm_dir, attn_implementation=request.param).eval()
 
 
 def left_padded(tokenizer, prompts=PROMPTS):

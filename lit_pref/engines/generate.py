@@ -31,7 +31,14 @@ from lit_pref.engines.base import (
     eos_token_ids,
     pad_right,
 )
-from lit_pref.ops import cache_argument, decoder_and_head, position_ids_from_mask
+from lit_pref.ops import (
+    additive_mask,
+    attention_dtype,
+    cache_argument,
+    decoder_and_head,
+    position_ids_from_mask,
+    takes_dense_mask,
+)
 from lit_pref.vision.modeling import check_vision_inputs
 from lit_pref.vision.processing import repeat_vision_inputs, vision_of_prompts
 
@@ -156,6 +163,13 @@ def decode(
         )
     attention_mask = prompt_attention_mask.new_zeros(rows, prompt_len + settings.max_new_tokens)
     attention_mask[:, :prompt_len] = prompt_attention_mask.repeat_interleave(repeats, 0)
+    # One query per step: the keys it sees are exactly the cached ones, so the 4-D mask is the 2-D
+    # one broadcast, kept and opened one column per step instead of rebuilt by every forward pass.
+    step_mask = (
+        additive_mask(attention_mask.bool()[:, None, None, :], attention_dtype(decoder))
+        if takes_dense_mask(decoder)
+        else None
+    )
     next_position = prompt_attention_mask.sum(-1, keepdim=True).repeat_interleave(repeats, 0)
     # The head sees only the last position; with a shared prompt, once per prompt.
     logits = head(prefill.last_hidden_state[:, -1]).float().repeat_interleave(repeats, 0)
@@ -178,10 +192,13 @@ def decode(
         unfinished &= ~torch.isin(token, eos)
         if step + 1 == settings.max_new_tokens or not bool(unfinished.any()):
             break
-        attention_mask[:, prompt_len + step] = 1
+        if step_mask is None:
+            attention_mask[:, prompt_len + step] = 1
+        else:
+            step_mask[..., prompt_len + step] = 0
         out = decoder(
             input_ids=token[:, None],
-            attention_mask=attention_mask,
+            attention_mask=attention_mask if step_mask is None else step_mask,
             position_ids=next_position + step,
             **{cache_name: cache},
             use_cache=True,
