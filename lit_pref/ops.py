@@ -177,7 +177,7 @@ def completion_hidden(
         completion_out = decoder(
             input_ids=completion_input_ids,
             attention_mask=prefix_causal_mask(prompt_mask, completion_attention_mask, attention_dtype(decoder))
-            if takes_dense_mask(decoder)
+            if takes_own_causal_mask(decoder)
             else torch.cat([prompt_mask, completion_attention_mask], 1),
             position_ids=prompt_lengths + offsets,
             **{cache_name: cache},
@@ -365,6 +365,20 @@ def attention_implementation(model: torch.nn.Module) -> str:
 def takes_dense_mask(model: torch.nn.Module) -> bool:
     """Whether ``model``'s attention takes a dense ``[B, 1, Q, K]`` mask (eager and SDPA do)."""
     return attention_implementation(model) in ("eager", "sdpa")
+
+
+def takes_own_causal_mask(decoder: torch.nn.Module) -> bool:
+    """Whether ``decoder`` may be handed a causal 4-D mask built by lit_pref: its attention takes
+    dense masks and no layer attends through a sliding window (``transformers`` builds those
+    layers' masks from the 2-D one; a 4-D mask would reach them unchanged)."""
+    config = getattr(decoder, "config", None)
+    if config is None or not takes_dense_mask(decoder):
+        return False
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    sliding = getattr(text, "sliding_window", None) is not None or "sliding_attention" in (
+        getattr(text, "layer_types", None) or ()
+    )
+    return not sliding
 
 
 def attention_dtype(decoder: torch.nn.Module) -> torch.dtype:

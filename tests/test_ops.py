@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from lit_pref.models import enable_activation_checkpointing
 from lit_pref.ops import (
@@ -16,7 +16,7 @@ from lit_pref.ops import (
     masked_whiten,
     position_ids_from_mask,
 )
-from lit_pref.tiny import build_tiny_causal_lm
+from lit_pref.tiny import build_tiny_causal_lm, tiny_config
 
 # Prompts of 3, 1 and 5 real tokens; two completions per prompt of assorted lengths (one of a
 # single token). Token id 2 is the tiny tokenizer's pad id: it appears as a *real* token too, so
@@ -121,6 +121,24 @@ def test_shared_prompt_pass_gives_every_layer_one_mask_in_the_attention_dtype(to
     assert mask.dtype == (torch.bfloat16 if autocast else torch.float32)
     prompt_width, completion_width = make_batch()[0].shape[1], make_batch()[2].shape[1]
     assert mask.shape == (len(COMPLETIONS), 1, completion_width, prompt_width + completion_width)
+
+
+def test_sliding_window_models_keep_the_masks_transformers_builds(tokenizer):
+    # A window of 2 tokens: a mask of lit_pref's own would reach the sliding layers unchanged and
+    # let every completion token see the whole prompt.
+    window = {"use_sliding_window": True, "sliding_window": 2, "max_window_layers": 0, "layer_types": None}
+    torch.manual_seed(5)
+    model = Qwen2ForCausalLM(Qwen2Config(**{**tiny_config(tokenizer).to_dict(), **window}))
+    assert "sliding_attention" in model.config.layer_types
+    seen = layer_masks(model)
+    batch = make_batch()
+    with torch.no_grad():
+        shared = completion_logps(model, *batch, share_prompt=True).token_logps
+        plain = completion_logps(model, *batch, share_prompt=False).token_logps
+        full = completion_logps(build_tiny_causal_lm(tokenizer, seed=5), *batch, share_prompt=True).token_logps
+    torch.testing.assert_close(shared, plain, rtol=0, atol=1e-5)
+    assert (shared - full).abs().max() > 1e-3  # the window changes the log-probs
+    assert all(mask is None or mask.dtype == torch.bool for mask in seen)
 
 
 def test_chunk_size_does_not_change_values_or_gradients(tokenizer):

@@ -37,7 +37,7 @@ from lit_pref.ops import (
     cache_argument,
     decoder_and_head,
     position_ids_from_mask,
-    takes_dense_mask,
+    takes_own_causal_mask,
 )
 from lit_pref.vision.modeling import check_vision_inputs
 from lit_pref.vision.processing import repeat_vision_inputs, vision_of_prompts
@@ -167,7 +167,7 @@ def decode(
     # one broadcast, kept and opened one column per step instead of rebuilt by every forward pass.
     step_mask = (
         additive_mask(attention_mask.bool()[:, None, None, :], attention_dtype(decoder))
-        if takes_dense_mask(decoder)
+        if takes_own_causal_mask(decoder)
         else None
     )
     next_position = prompt_attention_mask.sum(-1, keepdim=True).repeat_interleave(repeats, 0)
