@@ -396,24 +396,35 @@ def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
 
     Built once per forward pass and passed as a 4-D ``attention_mask``, one tensor serves every
     layer; a boolean mask would be converted to such a float copy by SDPA in every layer, each
-    copy kept for backward (``[B, Q, K]`` floats per layer).
+    copy kept for backward (``[B, Q, K]`` floats per layer). Written in one allocation: at long
+    sequences the mask is the largest tensor of a pass.
     """
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    allowed_value = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, allowed_value, torch.finfo(dtype).min)
 
 
 def prefix_causal_mask(prefix_mask: Tensor, completion_mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """``[B, 1, L, P + L]`` additive mask of completions of ``L`` tokens after a cached prefix of ``P``.
+    """Additive mask of completions of ``L`` tokens after a cached, left-padded prefix of ``P``:
+    ``[B, 1, L, P + L]``, or ``[1, 1, L, P + L]`` (shared by every row) when no prefix is padded.
 
-    ``prefix_mask`` (``[B, P]``) and ``completion_mask`` (``[B, L]``) mark real tokens; query
-    ``i`` (position ``P + i``) sees the real keys at positions ``≤ P + i``, as ``transformers``'
-    own causal padding mask. Every query sees the prefix's real tokens, so no softmax row is empty.
+    Query ``i`` (position ``P + i``) sees the real prefix keys and the completion keys up to
+    itself. Completion padding needs no mask: a right-padded row's pad keys lie after its last
+    real token, where causality already hides them from every real query, and what pad queries
+    compute is never read. Every query sees its prefix's real tokens, so no softmax row is empty.
+
+    Args:
+        prefix_mask: ``[B, P]`` real prefix tokens.
+        completion_mask: ``[B, L]`` real completion tokens (only its width is used).
+        dtype: the attention dtype (:func:`attention_dtype`).
     """
     prefix, length = prefix_mask.shape[1], completion_mask.shape[1]
     keys = torch.arange(prefix + length, device=prefix_mask.device)
     queries = torch.arange(length, device=prefix_mask.device) + prefix
-    real = torch.cat([prefix_mask, completion_mask], 1).bool()
-    allowed = (keys[None, :] <= queries[:, None])[None] & real[:, None, :]
-    return additive_mask(allowed[:, None], dtype)
+    allowed = (keys[None, :] <= queries[:, None])[None, None]
+    if not bool(prefix_mask.all()):
+        real = torch.cat([prefix_mask.bool(), prefix_mask.new_ones(prefix_mask.shape[0], length, dtype=torch.bool)], 1)
+        allowed = allowed & real[:, None, None, :]
+    return additive_mask(allowed, dtype)
 
 
 def block_causal_mask(sequence_ids: Tensor, dtype: torch.dtype = torch.bool, branch_ids: Tensor | None = None) -> Tensor:

@@ -123,6 +123,22 @@ def test_shared_prompt_pass_gives_every_layer_one_mask_in_the_attention_dtype(to
     assert mask.shape == (len(COMPLETIONS), 1, completion_width, prompt_width + completion_width)
 
 
+def test_unpadded_prompts_share_one_mask_row_and_keep_the_log_probs(tokenizer):
+    # No prompt padding: one [1, 1, L, P + L] mask broadcast over the rows (completion padding
+    # needs none), and still the concatenated rows' log-probs.
+    prompts = [[0, 40, 41], [0, 50, 51]]
+    batch = make_batch(prompts, COMPLETIONS[:4])
+    model = build_tiny_causal_lm(tokenizer, seed=4)
+    seen = layer_masks(model)
+    with torch.no_grad():
+        shared = completion_logps(model, *batch, share_prompt=True).token_logps
+    layers = len(model.get_decoder().layers)
+    assert seen[layers].shape == (1, 1, batch[2].shape[1], batch[0].shape[1] + batch[2].shape[1])
+    with torch.no_grad():
+        plain = completion_logps(model, *batch, share_prompt=False).token_logps
+    torch.testing.assert_close(shared, plain, rtol=0, atol=1e-5)
+
+
 def test_sliding_window_models_keep_the_masks_transformers_builds(tokenizer):
     # A window of 2 tokens: a mask of lit_pref's own would reach the sliding layers unchanged and
     # let every completion token see the whole prompt.
