@@ -381,10 +381,10 @@ def takes_own_causal_mask(decoder: torch.nn.Module) -> bool:
     return not sliding
 
 
-def attention_dtype(decoder: torch.nn.Module) -> torch.dtype:
+def attention_dtype(decoder: Any) -> torch.dtype:
     """The dtype ``decoder``'s attention scores are computed in: autocast's while it is on, else
     its embeddings'. A dense mask built in it reaches every layer as the same tensor."""
-    weight = decoder.get_input_embeddings().weight
+    weight: Tensor = decoder.get_input_embeddings().weight
     device_type = weight.device.type
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
