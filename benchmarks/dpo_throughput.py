@@ -54,7 +54,7 @@ RUNS = {
     "trl_gc": ("trl", False, True, False),
     "trl_pre": ("trl", True, False, False),
 }
-# The memory probe's settings: (lit_pref run, TRL run), each library with the same setting.
+# The memory probe's settings: name → (label, lit_pref run, TRL run), both libraries with the same setting.
 LONGEST = {
     "plain": ("no gradient checkpointing", "lit_pref", "trl"),
     "gc": ("gradient checkpointing on both", "lit_pref_gc", "trl_gc"),
