@@ -367,18 +367,27 @@ def takes_dense_mask(model: torch.nn.Module) -> bool:
     return attention_implementation(model) in ("eager", "sdpa")
 
 
+def _text_config(model: torch.nn.Module) -> Any:
+    """The language model's configuration of ``model`` (a vision-language model's text config)."""
+    config: Any = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def sliding_window(model: torch.nn.Module) -> int | None:
+    """The window (in tokens) of ``model``'s sliding-window attention layers; ``None`` when every
+    layer attends to the whole sequence."""
+    window = getattr(_text_config(model), "sliding_window", None)
+    return int(window) if window is not None else None
+
+
 def takes_own_causal_mask(decoder: torch.nn.Module) -> bool:
     """Whether ``decoder`` may be handed a causal 4-D mask built by lit_pref: its attention takes
     dense masks and no layer attends through a sliding window (``transformers`` builds those
     layers' masks from the 2-D one; a 4-D mask would reach them unchanged)."""
-    config = getattr(decoder, "config", None)
-    if config is None or not takes_dense_mask(decoder):
+    if getattr(decoder, "config", None) is None or not takes_dense_mask(decoder):
         return False
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    sliding = getattr(text, "sliding_window", None) is not None or "sliding_attention" in (
-        getattr(text, "layer_types", None) or ()
-    )
-    return not sliding
+    layer_types = getattr(_text_config(decoder), "layer_types", None) or ()
+    return sliding_window(decoder) is None and "sliding_attention" not in layer_types
 
 
 def attention_dtype(decoder: Any) -> torch.dtype:
@@ -482,6 +491,13 @@ def packed_logps(
     sequences: Tensor = batch["packed_sequence_ids"]
     mask = None
     if attention == "mask":
+        window, width = sliding_window(decoder), sequences.shape[-1]
+        if window is not None and width > window:
+            # The block-causal mask lets a token see its whole example; a sliding layer may not.
+            raise ValueError(
+                f"packed rows of {width} tokens are longer than the model's sliding attention window "
+                f"({window} tokens), which the packed mask does not apply: set max_length <= {window} or packing: false"
+            )
         mask = block_causal_mask(sequences, attention_dtype(decoder), branches)
     elif int(branches.max()) > 1:
         raise ValueError(

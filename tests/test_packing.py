@@ -104,6 +104,25 @@ def test_pairs_need_the_mask_not_position_ids(tiny_lm_dir):
         module.logps(module.policy, packed, packed_attention="position_ids")
 
 
+@pytest.mark.parametrize("window", [8, 4096])
+def test_a_sliding_window_shorter_than_the_packed_rows_is_refused(window, tokenizer, tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from lit_pref.tiny import tiny_config
+
+    settings = {"use_sliding_window": True, "sliding_window": window, "max_window_layers": 0, "layer_types": None}
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(**{**tiny_config(tokenizer).to_dict(), **settings})).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    module, target = build("dpo", tmp_path, "sdpa")
+    padded, packed = batch_of(module, target, packing=False), batch_of(module, target, packing=True)
+    if window < packed["packed_input_ids"].shape[1]:
+        with pytest.raises(ValueError, match="longer than the model's sliding attention window"):
+            loss_and_grads(module, packed)
+    else:  # every token's whole example lies within the window: the packed mask is exact
+        torch.testing.assert_close(loss_and_grads(module, packed)[0], loss_and_grads(module, padded)[0], rtol=0, atol=1e-5)
+
+
 def test_a_packed_dpo_run_matches_the_padded_run_step_for_step(tiny_lm_dir, tmp_path):
     """Through the data module and the Trainer: the same weights after three optimizer steps."""
     import lightning as L
