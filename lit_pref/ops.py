@@ -176,7 +176,7 @@ def completion_hidden(
         offsets = torch.arange(completion_input_ids.shape[1], device=completion_input_ids.device)
         completion_out = decoder(
             input_ids=completion_input_ids,
-            attention_mask=prefix_causal_mask(prompt_mask, completion_attention_mask, attention_dtype(decoder))
+            attention_mask=prefix_causal_mask(prompt_mask, completion_input_ids.shape[1], attention_dtype(decoder))
             if takes_own_causal_mask(decoder)
             else torch.cat([prompt_mask, completion_attention_mask], 1),
             position_ids=prompt_lengths + offsets,
@@ -412,7 +412,7 @@ def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(allowed, allowed_value, torch.finfo(dtype).min)
 
 
-def prefix_causal_mask(prefix_mask: Tensor, completion_mask: Tensor, dtype: torch.dtype) -> Tensor:
+def prefix_causal_mask(prefix_mask: Tensor, length: int, dtype: torch.dtype) -> Tensor:
     """Additive mask of completions of ``L`` tokens after a cached, left-padded prefix of ``P``:
     ``[B, 1, L, P + L]``, or ``[1, 1, L, P + L]`` (shared by every row) when no prefix is padded.
 
@@ -423,10 +423,10 @@ def prefix_causal_mask(prefix_mask: Tensor, completion_mask: Tensor, dtype: torc
 
     Args:
         prefix_mask: ``[B, P]`` real prefix tokens.
-        completion_mask: ``[B, L]`` real completion tokens (only its width is used).
+        length: ``L``, the completions' (padded) width.
         dtype: the attention dtype (:func:`attention_dtype`).
     """
-    prefix, length = prefix_mask.shape[1], completion_mask.shape[1]
+    prefix = prefix_mask.shape[1]
     keys = torch.arange(prefix + length, device=prefix_mask.device)
     queries = torch.arange(length, device=prefix_mask.device) + prefix
     allowed = (keys[None, :] <= queries[:, None])[None, None]

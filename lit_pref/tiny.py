@@ -76,9 +76,15 @@ def build_tiny_tokenizer(
     )
 
 
-def tiny_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, num_layers: int = 2) -> Qwen2Config:
-    """A Qwen2 configuration a few hundred kilobytes in size, matched to ``tokenizer``."""
+def tiny_config(
+    tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, num_layers: int = 2, sliding_window: int | None = None
+) -> Qwen2Config:
+    """A Qwen2 configuration a few hundred kilobytes in size, matched to ``tokenizer``; with
+    ``sliding_window``, every layer attends through a window of that many tokens."""
     return Qwen2Config(
+        use_sliding_window=sliding_window is not None,
+        sliding_window=sliding_window,
+        max_window_layers=0,
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,

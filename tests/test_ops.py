@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM
 
 from lit_pref.models import enable_activation_checkpointing
 from lit_pref.ops import (
@@ -16,7 +16,7 @@ from lit_pref.ops import (
     masked_whiten,
     position_ids_from_mask,
 )
-from lit_pref.tiny import build_tiny_causal_lm, tiny_config
+from lit_pref.tiny import build_tiny_causal_lm
 
 # Prompts of 3, 1 and 5 real tokens; two completions per prompt of assorted lengths (one of a
 # single token). Token id 2 is the tiny tokenizer's pad id: it appears as a *real* token too, so
@@ -142,9 +142,7 @@ def test_unpadded_prompts_share_one_mask_row_and_keep_the_log_probs(tokenizer):
 def test_sliding_window_models_keep_the_masks_transformers_builds(tokenizer):
     # A window of 2 tokens: a mask of lit_pref's own would reach the sliding layers unchanged and
     # let every completion token see the whole prompt.
-    window = {"use_sliding_window": True, "sliding_window": 2, "max_window_layers": 0, "layer_types": None}
-    torch.manual_seed(5)
-    model = Qwen2ForCausalLM(Qwen2Config(**{**tiny_config(tokenizer).to_dict(), **window}))
+    model = build_tiny_causal_lm(tokenizer, seed=5, sliding_window=2)
     assert "sliding_attention" in model.config.layer_types
     seen = layer_masks(model)
     batch = make_batch()

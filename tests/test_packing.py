@@ -106,13 +106,9 @@ def test_pairs_need_the_mask_not_position_ids(tiny_lm_dir):
 
 @pytest.mark.parametrize("window", [8, 4096])
 def test_a_sliding_window_shorter_than_the_packed_rows_is_refused(window, tokenizer, tmp_path):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from lit_pref.tiny import build_tiny_causal_lm
 
-    from lit_pref.tiny import tiny_config
-
-    settings = {"use_sliding_window": True, "sliding_window": window, "max_window_layers": 0, "layer_types": None}
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(Qwen2Config(**{**tiny_config(tokenizer).to_dict(), **settings})).save_pretrained(tmp_path)
+    build_tiny_causal_lm(tokenizer, sliding_window=window).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     module, target = build("dpo", tmp_path, "sdpa")
     padded, packed = batch_of(module, target, packing=False), batch_of(module, target, packing=True)
