@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from lit_pref.models import enable_activation_checkpointing
 from lit_pref.ops import (
     completion_logps,
+    hidden_logps,
     last_token_index,
     masked_mean,
     masked_sum,
@@ -167,6 +168,41 @@ def test_chunk_size_does_not_change_values_or_gradients(tokenizer):
     torch.testing.assert_close(a.token_logps, b.token_logps, rtol=0, atol=1e-6)
     torch.testing.assert_close(a.entropy, b.entropy, rtol=0, atol=1e-6)
     torch.testing.assert_close(grad_a, grad_b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("chunk_size", [7, 1024])  # 7: several chunks, recomputed in backward
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_head_log_probs_and_gradients_equal_autograd_log_softmax(chunk_size, temperature, entropy_grad):
+    # The head path overwrites its logits with the softmax and that with the gradient; checked
+    # against autograd through log_softmax, with an upstream gradient that differs per token.
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300)
+    hidden = torch.randn(3, 9, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (3, 9))
+    mask = torch.rand(3, 9) > 0.3
+    upstream = torch.randn(3, 9)
+
+    out = hidden_logps(head, hidden, targets, mask, chunk_size=chunk_size, temperature=temperature,
+                       with_entropy=entropy_grad, entropy_grad=entropy_grad)  # fmt: skip
+    (out.token_logps * upstream).sum().backward()
+    got = out.token_logps.detach(), hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()
+    hidden.grad = head.weight.grad = head.bias.grad = None
+
+    logp = (head(hidden[mask]) / temperature).log_softmax(-1).gather(-1, targets[mask][:, None]).squeeze(-1)
+    (logp * upstream[mask]).sum().backward()
+    expected = torch.zeros(3, 9).masked_scatter(mask, logp.detach()), hidden.grad, head.weight.grad, head.bias.grad
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_head_log_probs_refuse_a_second_backward_instead_of_a_wrong_one():
+    # Backward reuses the saved softmax's storage; a retained graph must fail loudly, not reuse it.
+    head, hidden = torch.nn.Linear(8, 50), torch.randn(2, 5, 8, requires_grad=True)
+    out = hidden_logps(head, hidden, torch.randint(0, 50, (2, 5)), torch.ones(2, 5, dtype=torch.bool))
+    out.token_logps.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.token_logps.sum().backward()
 
 
 def test_entropy_sq_norm_and_temperature_against_direct_computation(model):
