@@ -7,7 +7,9 @@ the values; positions where the mask is 0 never influence a result.
 
 from __future__ import annotations
 
+import functools
 import inspect
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -105,7 +107,7 @@ class _TargetLogSoftmax(torch.autograd.Function):
 
 
 def _token_logps_chunk(
-    head: torch.nn.Module,
+    head: Callable[[Tensor], Tensor],
     hidden: Tensor,
     targets: Tensor,
     temperature: float,
@@ -135,10 +137,49 @@ def _token_logps_chunk(
     return logps, mean_logits, entropy, sq_norm, argmax
 
 
-def decoder_and_head(model: CausalLM) -> tuple[torch.nn.Module, torch.nn.Module]:
+# Architectures whose causal-LM ``forward`` scales the LM head's output (text config's
+# ``model_type`` prefix → (config attribute, whether the logits are divided by it)). The log-prob
+# path calls the head itself, so it must apply what that ``forward`` would.
+_LOGIT_SCALES = {
+    "cohere": ("logit_scale", False),
+    "granite": ("logits_scaling", True),
+    "minicpm3": ("logits_scaling", True),  # divides the hidden states; the head has no bias
+    "hyperclovax": ("logits_scaling", False),
+    "falcon_h1": ("lm_head_multiplier", False),
+}
+
+
+def final_logit_transform(model: torch.nn.Module) -> tuple[float, float | None]:
+    """``(scale, softcap)`` that ``model``'s forward applies to its LM head's output:
+    ``z ↦ softcap · tanh(scale · z / softcap)`` (Gemma 2 and later cap their logits at 30;
+    Cohere, Granite… scale them), ``(1.0, None)`` for a plain head."""
+    config = _text_config(model)
+    model_type = str(getattr(config, "model_type", ""))
+    scale = 1.0
+    for prefix, (attribute, divides) in _LOGIT_SCALES.items():
+        if model_type.startswith(prefix) and getattr(config, attribute, None) is not None:
+            value = float(getattr(config, attribute))
+            scale = 1 / value if divides else value
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return scale, float(softcap) if softcap is not None else None
+
+
+def _final_logits(head: torch.nn.Module, scale: float, softcap: float | None, hidden: Tensor) -> Tensor:
+    # In fp32: a bf16 tanh quantizes badly near the cap.
+    logits = head(hidden).float()
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
+def decoder_and_head(model: CausalLM) -> tuple[torch.nn.Module, Callable[[Tensor], Tensor]]:
     """A causal LM's decoder (no LM head) and its LM head, the two halves of the log-prob path.
 
-    A vision-language model's decoder is its multimodal one, which encodes the images too.
+    The head returns the logits the model's own ``forward`` would: with the scaling or soft
+    capping some architectures apply after the LM head (:func:`final_logit_transform`). A
+    vision-language model's decoder is its multimodal one, which encodes the images too.
     """
     decoder, head = multimodal_decoder(model) or model.get_decoder(), model.get_output_embeddings()
     if decoder is model or head is None:
@@ -146,7 +187,10 @@ def decoder_and_head(model: CausalLM) -> tuple[torch.nn.Module, torch.nn.Module]
             f"{type(model).__name__} does not expose a decoder and an LM head separately "
             "(get_decoder / get_output_embeddings); lit_pref needs a causal LM."
         )
-    return decoder, head
+    scale, softcap = final_logit_transform(model)
+    if scale == 1.0 and softcap is None:
+        return decoder, head
+    return decoder, functools.partial(_final_logits, head, scale, softcap)
 
 
 def is_checkpointing(model: torch.nn.Module) -> bool:
@@ -336,7 +380,7 @@ def batch_logps(
 
 
 def hidden_logps(
-    head: torch.nn.Module,
+    head: Callable[[Tensor], Tensor],
     hidden: Tensor,
     targets: Tensor,
     mask: Tensor,
@@ -354,7 +398,7 @@ def hidden_logps(
     rows) run their own forward and call it directly.
 
     Args:
-        head: the LM head (``model.get_output_embeddings()``).
+        head: the LM head, as :func:`decoder_and_head` returns it.
         hidden: ``[B, L, H]`` hidden states; ``hidden[b, t]`` predicts ``targets[b, t]``.
         targets: ``[B, L]`` token ids.
         mask: ``[B, L]`` tokens whose log-prob counts; the head runs on these only, ``chunk_size``

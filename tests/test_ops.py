@@ -205,6 +205,39 @@ def test_head_log_probs_refuse_a_second_backward_instead_of_a_wrong_one():
         out.token_logps.sum().backward()
 
 
+@pytest.mark.parametrize(
+    ("config_class", "transform"),
+    [
+        ("Gemma2Config", {"final_logit_softcapping": 0.5}),  # Gemma 2's cap is 30; 0.5 bites on random logits
+        ("CohereConfig", {"logit_scale": 4.0}),
+        ("GraniteConfig", {"logits_scaling": 0.25}),
+    ],
+)
+def test_log_probs_apply_the_logit_transform_of_the_models_forward(config_class, transform):
+    # lit_pref calls the decoder and the LM head itself; these architectures change the head's
+    # output in their forward, and the log-probs must be the forward's.
+    import transformers
+
+    config = getattr(transformers, config_class)(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, pad_token_id=0, **transform,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    torch.nn.init.normal_(model.get_output_embeddings().weight, std=1.0)  # logits large enough to cap
+    prompt, completion = [5, 6, 7], [8, 9, 10, 11]
+    with torch.no_grad():
+        out = completion_logps(model, torch.tensor([prompt]), torch.ones(1, 3), torch.tensor([completion]), torch.ones(1, 4))
+        logits = model(input_ids=torch.tensor([prompt + completion])).logits[0, 2:-1].float()
+        hidden = model.get_decoder()(input_ids=torch.tensor([prompt + completion])).last_hidden_state[0, 2:-1]
+        raw = model.get_output_embeddings()(hidden).float()
+    targets = torch.tensor(completion)[:, None]
+    expected = logits.log_softmax(-1).gather(-1, targets).squeeze(-1)
+    torch.testing.assert_close(out.token_logps[0], expected, rtol=0, atol=1e-5)
+    # The head's raw output gives other log-probs, so the comparison above can fail.
+    assert (raw.log_softmax(-1).gather(-1, targets).squeeze(-1) - expected).abs().max() > 1e-2
+
+
 def test_entropy_sq_norm_and_temperature_against_direct_computation(model):
     batch = make_batch()
     temperature = 0.7
