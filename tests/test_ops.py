@@ -172,10 +172,13 @@ def test_chunk_size_does_not_change_values_or_gradients(tokenizer):
 
 @pytest.mark.parametrize("chunk_size", [7, 1024])  # 7: several chunks, recomputed in backward
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("entropy_grad", [False, True])
-def test_head_log_probs_and_gradients_equal_autograd_log_softmax(chunk_size, temperature, entropy_grad):
+@pytest.mark.parametrize(("with_entropy", "entropy_grad"), [(False, False), (True, False), (True, True)])
+def test_head_log_probs_and_gradients_equal_autograd_log_softmax(
+    chunk_size, temperature, with_entropy, entropy_grad, monkeypatch
+):
     # The head path overwrites its logits with the softmax and that with the gradient; checked
     # against autograd through log_softmax, with an upstream gradient that differs per token.
+    monkeypatch.setattr("lit_pref.ops._ENTROPY_BLOCK", 2 * 300 + 1)  # entropy in blocks of 2 rows, and a remainder
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 300)
     hidden = torch.randn(3, 9, 16, requires_grad=True)
@@ -184,16 +187,35 @@ def test_head_log_probs_and_gradients_equal_autograd_log_softmax(chunk_size, tem
     upstream = torch.randn(3, 9)
 
     out = hidden_logps(head, hidden, targets, mask, chunk_size=chunk_size, temperature=temperature,
-                       with_entropy=entropy_grad, entropy_grad=entropy_grad)  # fmt: skip
+                       with_entropy=with_entropy, entropy_grad=entropy_grad)  # fmt: skip
     (out.token_logps * upstream).sum().backward()
     got = out.token_logps.detach(), hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()
     hidden.grad = head.weight.grad = head.bias.grad = None
 
-    logp = (head(hidden[mask]) / temperature).log_softmax(-1).gather(-1, targets[mask][:, None]).squeeze(-1)
+    log_softmax = (head(hidden[mask]) / temperature).log_softmax(-1)
+    logp = log_softmax.gather(-1, targets[mask][:, None]).squeeze(-1)
     (logp * upstream[mask]).sum().backward()
     expected = torch.zeros(3, 9).masked_scatter(mask, logp.detach()), hidden.grad, head.weight.grad, head.bias.grad
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if with_entropy:
+        entropy = -(log_softmax.exp() * log_softmax).sum(-1).detach()
+        torch.testing.assert_close(out.entropy, torch.zeros(3, 9).masked_scatter(mask, entropy), rtol=1e-5, atol=1e-6)
+        assert out.entropy.requires_grad == entropy_grad
+
+
+@pytest.mark.parametrize(("tokens", "chunk_size", "recomputed"), [(30, 8, 22), (24, 8, 16), (8, 8, 0), (5, 8, 0)])
+def test_only_tokens_past_the_first_chunk_run_the_head_twice(tokens, chunk_size, recomputed):
+    # The last chunk (a full one) keeps its logits for backward; the others are recomputed.
+    head, hidden = torch.nn.Linear(8, 50), torch.randn(1, tokens, 8, requires_grad=True)
+    seen = []
+    head.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[0]))
+    out = hidden_logps(head, hidden, torch.randint(0, 50, (1, tokens)), torch.ones(1, tokens, dtype=torch.bool),
+                       chunk_size=chunk_size)  # fmt: skip
+    assert sum(seen) == tokens
+    assert seen[-1] == min(tokens, chunk_size)  # the kept chunk is a full one
+    out.token_logps.sum().backward()
+    assert sum(seen) - tokens == recomputed
 
 
 def test_head_log_probs_refuse_a_second_backward_instead_of_a_wrong_one():
