@@ -172,8 +172,8 @@ _LOGIT_SCALES = {
 
 def final_logit_transform(model: torch.nn.Module) -> tuple[float, float | None]:
     """``(scale, softcap)`` that ``model``'s forward applies to its LM head's output:
-    ``z ↦ softcap · tanh(scale · z / softcap)`` (Gemma 2 and later cap their logits at 30;
-    Cohere, Granite… scale them), ``(1.0, None)`` for a plain head."""
+    ``z ↦ softcap · tanh(scale · z / softcap)`` (a config's ``final_logit_softcapping``: Gemma 2
+    caps its logits at 30; Cohere, Granite… scale them), ``(1.0, None)`` for a plain head."""
     config = _text_config(model)
     model_type = str(getattr(config, "model_type", ""))
     scale = 1.0
