@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from lit_pref.attention import SPAN_SDPA, check_spans_used, packed_spans, use_span_attention
 from lit_pref.types import CausalLM, CompletionBatch, CompletionLogps
 from lit_pref.vision.modeling import check_vision_inputs, multimodal_decoder
 from lit_pref.vision.processing import repeat_vision_inputs
 
-PackedAttention = Literal["auto", "mask", "position_ids"]
+PackedAttention = Literal["auto", "spans", "mask", "position_ids"]
 
 
 def masked_sum(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -467,8 +468,9 @@ def attention_implementation(model: torch.nn.Module) -> str:
 
 
 def takes_dense_mask(model: torch.nn.Module) -> bool:
-    """Whether ``model``'s attention takes a dense ``[B, 1, Q, K]`` mask (eager and SDPA do)."""
-    return attention_implementation(model) in ("eager", "sdpa")
+    """Whether ``model``'s attention takes a dense ``[B, 1, Q, K]`` mask (eager and SDPA do, and
+    span attention, SDPA on every call without spans)."""
+    return attention_implementation(model) in ("eager", "sdpa", SPAN_SDPA)
 
 
 def _text_config(model: torch.nn.Module) -> Any:
@@ -571,18 +573,20 @@ def packed_logps(
     padded completion layout, so every loss reads it exactly as :func:`completion_logps`' output.
 
     One forward pass over the packed sequences: each prompt once, each completion after it with
-    its own positions, kept apart by the branch-aware :func:`block_causal_mask`. The hidden state
-    that predicts each completion token is then gathered (``packed_source``) and the LM head runs,
-    in chunks, on counted tokens only.
+    its own positions, kept apart by span attention (:mod:`lit_pref.attention`) or the
+    branch-aware :func:`block_causal_mask`. The hidden state that predicts each completion token
+    is then gathered (``packed_source``) and the LM head runs, in chunks, on counted tokens only.
 
     Args:
         model: a causal LM.
         batch: a batch from :class:`~lit_pref.data.packing.PackingCollator`.
-        attention: ``mask`` passes the ``[R, 1, T, T]`` mask (eager / SDPA attention);
+        attention: ``spans`` runs SDPA once per prompt and completion span
+            (:mod:`lit_pref.attention`; switches an ``sdpa`` model to it); ``mask`` passes the
+            ``[R, 1, T, T]`` mask (eager / SDPA attention), which costs ``T²`` per row and layer;
             ``position_ids`` passes none and lets ``transformers`` find the sequences from the
             restarting position ids (flash-attention's varlen path), which only holds for one
-            completion per prompt; ``auto`` picks ``mask`` for eager and SDPA attention, else
-            ``position_ids`` (an error for pairs).
+            completion per prompt; ``auto`` picks ``spans`` for SDPA, ``mask`` for eager
+            attention, else ``position_ids`` (an error for pairs).
         **head_kwargs: ``chunk_size``, ``temperature``, ``with_entropy``… of :func:`hidden_logps`.
     """
     if batch.get("vision_inputs") is not None:
@@ -590,11 +594,14 @@ def packed_logps(
     decoder, head = decoder_and_head(model)
     implementation = attention_implementation(model)
     if attention == "auto":
-        attention = "mask" if takes_dense_mask(model) else "position_ids"
+        if implementation in ("sdpa", SPAN_SDPA):
+            attention = "spans"
+        else:
+            attention = "mask" if takes_dense_mask(model) else "position_ids"
     branches: Tensor = batch["packed_branch_ids"]
     sequences: Tensor = batch["packed_sequence_ids"]
-    mask = None
-    if attention == "mask":
+    inputs: dict[str, Any] = {}
+    if attention in ("spans", "mask"):
         window, width = sliding_window(decoder), sequences.shape[-1]
         if window is not None and width > window:
             # The block-causal mask lets a token see its whole example; a sliding layer may not.
@@ -602,18 +609,23 @@ def packed_logps(
                 f"packed rows of {width} tokens are longer than the model's sliding attention window "
                 f"({window} tokens), which the packed mask does not apply: set max_length <= {window} or packing: false"
             )
-        mask = block_causal_mask(sequences, attention_dtype(decoder), branches)
+    if attention == "spans":
+        if not use_span_attention(decoder):
+            raise ValueError(f"span attention runs on sdpa attention, the model uses {implementation!r}: set packed_attention: mask")
+        # An all-ones 2-D mask: transformers builds no mask from it (nor one from the restarting position ids).
+        inputs = {"attention_mask": torch.ones_like(sequences), "packed_spans": packed_spans(sequences, branches)}
+    elif attention == "mask":
+        inputs = {"attention_mask": block_causal_mask(sequences, attention_dtype(decoder), branches)}
     elif int(branches.max()) > 1:
         raise ValueError(
             f"packed prompts with several completions need the attention mask (eager or sdpa attention, "
             f"the model uses {implementation!r}): position ids alone cannot keep a prompt's completions apart"
         )
     hidden = decoder(
-        input_ids=batch["packed_input_ids"],
-        attention_mask=mask,
-        position_ids=batch["packed_position_ids"],
-        use_cache=False,
+        input_ids=batch["packed_input_ids"], position_ids=batch["packed_position_ids"], use_cache=False, **inputs
     ).last_hidden_state
+    if attention == "spans":
+        check_spans_used(inputs["packed_spans"], model)
     completion_states = hidden.flatten(0, 1)[batch["packed_source"]]
     counted = batch.get("completion_mask", batch["completion_attention_mask"])
     return hidden_logps(head, completion_states, batch["completion_input_ids"], counted, **head_kwargs)

@@ -1,6 +1,7 @@
 """Padding-free batches of pairs and unpaired rows (``packing: true``): each prompt once, then its
 completions, in a few packed sequences. Every paired and unpaired module gets the same loss and
-the same gradients as from the padded layout, on rows of very different lengths."""
+the same gradients as from the padded layout, on rows of very different lengths, through span
+attention (sdpa) and the dense block-causal mask (eager; sdpa with ``packed_attention="mask"``)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import pytest
 import torch
 from datasets import Dataset
 
+from lit_pref.attention import SPAN_SDPA, packed_spans
 from lit_pref.data.datamodule import PreferenceDataModule
 from lit_pref.modules import BCO, CPO, DPO, KTO, ORPO
+from lit_pref.ops import attention_implementation, batch_logps, block_causal_mask
 
 WORDS = ["the", "day", "is", "warm", "and", "good", "a", "cold", "night", "feels", "long", "bright", "friends", "laugh", "together"]
 
@@ -49,10 +52,12 @@ def batch_of(module, target: str, packing: bool, max_length: int = 96) -> dict:
     return next(iter(data.sequential_dataloader("train")))
 
 
-def build(name: str, model_dir, attn: str):
+def build(name: str, model_dir, attn: str, packed_attention: str = "auto"):
     module_cls, kwargs, target = MODULES[name]
     torch.manual_seed(0)
-    module = module_cls(model_name_or_path=str(model_dir), dtype="float32", attn_implementation=attn, **kwargs)
+    module = module_cls(
+        model_name_or_path=str(model_dir), dtype="float32", attn_implementation=attn, packed_attention=packed_attention, **kwargs
+    )
     module.configure_model()
     if hasattr(module, "reference"):
         module.reference.build(module.policy, module.load_network)
@@ -67,10 +72,11 @@ def loss_and_grads(module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.T
     return loss.detach(), {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize(("attn", "packed_attention"), [("sdpa", "auto"), ("sdpa", "mask"), ("eager", "auto")])
 @pytest.mark.parametrize("name", sorted(MODULES))
-def test_packed_loss_and_gradients_equal_the_padded_ones(name, attn, tiny_lm_dir):
-    module, target = build(name, tiny_lm_dir, attn)
+def test_packed_loss_and_gradients_equal_the_padded_ones(name, attn, packed_attention, tiny_lm_dir):
+    module, target = build(name, tiny_lm_dir, attn, packed_attention)
+    assert attention_implementation(module.policy) == attn
     padded, packed = batch_of(module, target, packing=False), batch_of(module, target, packing=True)
     # The packed layout computes fewer positions than the padded one (no padding, prompts once).
     padded_positions = padded["prompt_input_ids"].numel() + padded["completion_input_ids"].numel()
@@ -78,6 +84,9 @@ def test_packed_loss_and_gradients_equal_the_padded_ones(name, attn, tiny_lm_dir
     loss_padded, grads_padded = loss_and_grads(module, padded)
     loss_packed, grads_packed = loss_and_grads(module, packed)
     torch.testing.assert_close(loss_packed, loss_padded, rtol=0, atol=1e-5)
+    # auto on sdpa switched the model to span attention (lit_pref.attention); mask and eager did not.
+    switched = attention_implementation(module.policy) == SPAN_SDPA
+    assert switched == ((attn, packed_attention) == ("sdpa", "auto"))
     assert grads_padded.keys() == grads_packed.keys() and grads_padded
     assert max(float(g.abs().max()) for g in grads_padded.values()) > 1e-3  # gradients that can differ
     for key, grad in grads_padded.items():
@@ -140,3 +149,68 @@ def test_a_packed_dpo_run_matches_the_padded_run_step_for_step(tiny_lm_dir, tmp_
     assert moved > 1e-3
     for name, weight in padded.items():
         torch.testing.assert_close(packed[name], weight, rtol=0, atol=1e-5, msg=name)
+
+
+# ----------------------------------------------------------------- span attention (sdpa's default)
+def test_span_pieces_cover_each_row_once():
+    """A prompt runs causally with its first completion; a later one gets the prompt's keys too."""
+    sequence_ids = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, -1, -1]])
+    branch_ids = torch.tensor([[0, 0, 1, 2, 2, 0, 1, 1, -1, -1]])
+    (pieces,) = packed_spans(sequence_ids, branch_ids).rows
+    assert [(p.start, p.end, p.prompt, p.padding) for p in pieces] == [
+        (0, 3, None, False), (3, 5, (0, 2), False), (5, 8, None, False), (8, 10, None, True),
+    ]  # fmt: skip
+    # The rejected completion's mask: the block-causal mask's rows for it, on its prompt's keys and its own.
+    dense = block_causal_mask(sequence_ids, branch_ids=branch_ids)[0, 0]
+    torch.testing.assert_close(pieces[1].mask[0, 0], dense[3:5][:, [0, 1, 3, 4]], rtol=0, atol=0)
+
+
+def test_span_attention_equals_the_dense_mask_under_checkpointing(tiny_lm_dir):
+    module, target = build("dpo", tiny_lm_dir, "sdpa")
+    packed = batch_of(module, target, packing=True, max_length=256)  # several pairs to a row
+    assert int(packed["packed_branch_ids"].max()) == 2 and int(packed["packed_sequence_ids"].max()) >= 1
+    module.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    module.policy.train()
+
+    def logps_and_grads(attention: str):
+        module.policy.zero_grad(set_to_none=True)
+        logps = batch_logps(module.policy, packed, packed_attention=attention)
+        (logps.sum * torch.linspace(-1, 1, logps.sum.numel())).sum().div(100).backward()
+        return logps.token_logps.detach(), {n: p.grad.clone() for n, p in module.policy.named_parameters()}
+
+    mask_logps, mask_grads = logps_and_grads("mask")
+    span_logps, span_grads = logps_and_grads("spans")
+    assert attention_implementation(module.policy) == SPAN_SDPA
+    torch.testing.assert_close(span_logps, mask_logps, rtol=0, atol=1e-5)
+    assert max(float(g.abs().max()) for g in mask_grads.values()) > 1e-3
+    for name, grad in mask_grads.items():
+        torch.testing.assert_close(span_grads[name], grad, rtol=0, atol=1e-5, msg=name)
+
+
+def test_the_switch_to_span_attention_leaves_padded_batches_and_saved_configs_alone(tiny_lm_dir, tmp_path):
+    module, target = build("dpo", tiny_lm_dir, "sdpa")
+    padded, packed = batch_of(module, target, packing=False), batch_of(module, target, packing=True)
+    with torch.no_grad():
+        before = batch_logps(module.policy, padded).sum
+        batch_logps(module.policy, packed)
+        assert attention_implementation(module.policy) == SPAN_SDPA
+        assert torch.equal(batch_logps(module.policy, padded).sum, before)  # sdpa itself without spans
+    module.policy.save_pretrained(tmp_path)
+    assert SPAN_SDPA not in (tmp_path / "config.json").read_text()
+
+
+def test_span_attention_needs_sdpa_and_a_decoder_that_passes_it_the_spans(tiny_lm_dir, monkeypatch):
+    with pytest.raises(ValueError, match="packed_attention must be one of auto, spans, mask, position_ids"):
+        build("dpo", tiny_lm_dir, "sdpa", packed_attention="dense")
+    module, target = build("dpo", tiny_lm_dir, "eager")
+    packed = batch_of(module, target, packing=True)
+    with pytest.raises(ValueError, match="span attention runs on sdpa attention"):
+        batch_logps(module.policy, packed, packed_attention="spans")
+    module, _ = build("dpo", tiny_lm_dir, "sdpa")
+    for layer in module.policy.model.layers:  # an architecture whose layers drop their keyword arguments
+        attention_forward = layer.self_attn.forward
+        monkeypatch.setattr(
+            layer.self_attn, "forward", lambda *a, _f=attention_forward, packed_spans=None, **k: _f(*a, **k)
+        )
+    with torch.no_grad(), pytest.raises(ValueError, match="does not pass the packed spans"):
+        batch_logps(module.policy, packed)

@@ -4,8 +4,9 @@ A *group* is one prompt and the completions that continue it (an SFT or unpaired
 preference pair: chosen and rejected). Groups are laid back to back in a few rows of at most
 ``max_length`` tokens (first-fit decreasing; a longer group gets a row of its own). Inside a
 group, the prompt's positions are 0 … P − 1 and every completion's continue from P, and each
-completion token attends to its own prompt and its own earlier tokens only
-(:func:`lit_pref.ops.block_causal_mask` with the branch ids): the same attention, hence the same log-probs, as
+completion token attends to its own prompt and its own earlier tokens only (span attention,
+:mod:`lit_pref.attention`, or :func:`lit_pref.ops.block_causal_mask` with the branch ids): the
+same attention, hence the same log-probs, as
 the padded layout where each completion is concatenated with its prompt, with the prompt
 encoded once and no padding tokens computed at all.
 

@@ -9,7 +9,7 @@ import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 import torch
 from lightning import Callback, LightningModule
@@ -43,7 +43,7 @@ from lit_pref.models import (
     prepare_kbit_training,
     quantized_layers,
 )
-from lit_pref.ops import batch_logps
+from lit_pref.ops import PackedAttention, batch_logps
 from lit_pref.resume import (
     CHECKPOINT_KEY,
     logger_records,
@@ -92,6 +92,13 @@ class AlignmentModule(LightningModule):
         disable_dropout: zero every dropout probability (default on: preference losses compare
             forward passes, and dropout noise biases them).
         chunk_size: completion tokens per LM-head chunk in the log-prob path.
+        packed_attention: how padding-free rows (``packing: true``) keep their examples apart:
+            ``spans`` runs SDPA once per prompt and completion span (:mod:`lit_pref.attention`),
+            ``mask`` passes a dense ``[R, 1, T, T]`` block-causal mask (eager / SDPA attention),
+            ``position_ids`` passes no mask and lets ``transformers`` find the examples from the
+            restarting position ids (the flash-attention varlen path; one completion per prompt
+            only); ``auto`` picks ``spans`` for SDPA, ``mask`` for eager and ``position_ids``
+            for flash attention.
         optimizer: optimizer factory; default AdamW at the module's ``default_lr`` (the fused
             kernel where the parameters allow it).
         lr_scheduler: learning-rate scheduler factory (stepped every optimizer step).
@@ -124,6 +131,7 @@ class AlignmentModule(LightningModule):
         freeze_vision_tower: bool = False,
         disable_dropout: bool = True,
         chunk_size: int = 1024,
+        packed_attention: PackedAttention = "auto",
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         output_dir: str | None = None,
@@ -133,6 +141,8 @@ class AlignmentModule(LightningModule):
         super().__init__()
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        if packed_attention not in get_args(PackedAttention):
+            raise ValueError(f"packed_attention must be one of {', '.join(get_args(PackedAttention))}, got {packed_attention!r}")
         self.model_source = model_name_or_path
         tokenizer_source = tokenizer_name_or_path or model_name_or_path
         if not isinstance(tokenizer_source, str):
@@ -151,6 +161,7 @@ class AlignmentModule(LightningModule):
         self.freeze_vision_tower = freeze_vision_tower
         self.zero_dropout = disable_dropout
         self.chunk_size = chunk_size
+        self.packed_attention = packed_attention
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.output_dir = output_dir
@@ -257,6 +268,7 @@ class AlignmentModule(LightningModule):
 
     def logps(self, model: torch.nn.Module, batch: CompletionBatch, **kwargs: Any) -> CompletionLogps:
         """Completion log-probs of ``batch`` under ``model`` through the shared path."""
+        kwargs.setdefault("packed_attention", self.packed_attention)
         return batch_logps(model, batch, chunk_size=self.chunk_size, **kwargs)
 
     # -------------------------------------------------------------------- steps

@@ -85,6 +85,7 @@ class ReferenceModule(AlignmentModule):
     def reference_logps(self, batch: CompletionBatch, **kwargs: Any) -> CompletionLogps:
         """Reference completion log-probs of ``batch`` through the shared path (no grad, eval mode)."""
         kwargs.setdefault("chunk_size", self.chunk_size)
+        kwargs.setdefault("packed_attention", self.packed_attention)
         return self.reference.logps(self.policy, batch, **kwargs)
 
 

@@ -10,7 +10,6 @@ from torch import Tensor
 from torchmetrics import SumMetric
 
 from lit_pref.modules.base import AlignmentModule
-from lit_pref.ops import PackedAttention
 from lit_pref.types import CompletionBatch
 
 
@@ -54,11 +53,6 @@ class SFT(AlignmentModule):
             add uniform noise in ±α/√(L·d) to the input embeddings (L the sequence length, d the
             embedding width; for packed rows L is the row length). ``None`` disables it; the
             paper uses α ∈ {5, 10, 15}.
-        packed_attention: how packed rows are kept apart: ``mask`` builds a ``[R, 1, T, T]``
-            block-diagonal causal mask (eager / SDPA attention), ``position_ids`` passes no mask
-            and lets ``transformers`` find the examples from the restarting position ids (the
-            flash-attention varlen path); ``auto`` picks ``position_ids`` for flash attention and
-            ``mask`` for eager and SDPA attention.
         **kwargs: :class:`~lit_pref.modules.base.AlignmentModule` arguments (model, LoRA,
             optimizer, export…).
     """
@@ -69,7 +63,6 @@ class SFT(AlignmentModule):
     def __init__(
         self,
         neftune_noise_alpha: float | None = None,
-        packed_attention: PackedAttention = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -79,10 +72,7 @@ class SFT(AlignmentModule):
             raise ValueError(
                 f"neftune_noise_alpha must be a positive number or null, got {neftune_noise_alpha}"
             )
-        if packed_attention not in ("auto", "mask", "position_ids"):
-            raise ValueError(f"packed_attention must be auto, mask or position_ids, got {packed_attention!r}")
         self.neftune_noise_alpha = neftune_noise_alpha
-        self.packed_attention = packed_attention
         self.tokens_seen = SumMetric().set_dtype(torch.float64)
         self.tokens_seen.persistent(True)  # resumes count on from the checkpoint
         self._neftune_handle: torch.utils.hooks.RemovableHandle | None = None
@@ -96,7 +86,7 @@ class SFT(AlignmentModule):
 
     # ------------------------------------------------------------------- steps
     def shared_step(self, batch: CompletionBatch, split: str = "train") -> tuple[Tensor, dict[str, Tensor]]:
-        logps = self.logps(self.policy, batch, with_argmax=True, packed_attention=self.packed_attention)
+        logps = self.logps(self.policy, batch, with_argmax=True)
         targets = batch["completion_input_ids"]
         mask = logps.mask
         assert logps.argmax is not None

@@ -183,8 +183,10 @@ def test_block_causal_mask():
     assert torch.equal(tree, expected)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("mode", ["mask", "position_ids"])
+@pytest.mark.parametrize(
+    ("attn", "mode"),
+    [("sdpa", "spans"), ("sdpa", "mask"), ("sdpa", "position_ids"), ("eager", "mask"), ("eager", "position_ids")],
+)
 def test_packed_loss_equals_unpacked_loss(tiny_lm_dir, attn, mode):
     module = sft_module(tiny_lm_dir, attn_implementation=attn, packed_attention=mode)
     unpacked, packed = batch_of(module, MIXED_ROWS, packing=False), batch_of(module, MIXED_ROWS, packing=True)
@@ -199,14 +201,15 @@ def test_packed_loss_equals_unpacked_loss(tiny_lm_dir, attn, mode):
     assert float(m_packed["token_accuracy"].mean()) == float(m_unpacked["token_accuracy"].mean())
 
 
-def test_packed_rows_without_the_block_mask_would_differ(tiny_lm_dir):
+@pytest.mark.parametrize("mode", ["spans", "mask"])
+def test_packed_rows_taken_as_one_example_would_differ(tiny_lm_dir, mode):
     """The equivalence above can fail: letting packed examples see each other changes the loss."""
-    module = sft_module(tiny_lm_dir)
+    module = sft_module(tiny_lm_dir, packed_attention=mode)
     packed = batch_of(module, MIXED_ROWS, packing=True)
     with torch.no_grad():
         loss_packed, _ = module.shared_step(packed)
-        one_segment = torch.where(packed["packed_sequence_ids"] >= 0, 0, -1)
-        leaky = dict(packed, packed_sequence_ids=one_segment)
+        one_prompt = torch.where(packed["packed_sequence_ids"] >= 0, 0, -1)
+        leaky = dict(packed, packed_sequence_ids=one_prompt, packed_branch_ids=one_prompt)
         leaky_loss, _ = module.shared_step(leaky)
     assert abs(float(leaky_loss) - float(loss_packed)) > 1e-4
 
