@@ -12,6 +12,9 @@ token may see, in one SDPA call per piece of a group:
 * each further completion (a pair's rejected one): its queries over the prompt's keys, all
   visible, followed by its own, causal (a small ``[c, P + c]`` mask).
 
+A layer that attends through a sliding window (the ``sliding_window`` its attention function is
+given) gets it within each example: a piece longer than the window gets a banded mask.
+
 The outputs are laid back into the row, with zeros on the padding tail (whose hidden states no
 loss reads). The values are those of the dense mask's attention, to float rounding.
 
@@ -44,25 +47,58 @@ SPAN_SDPA = "lit_pref_span_sdpa"
 class Piece:
     """One SDPA call's queries: row positions ``start … end − 1``.
 
-    ``prompt`` (a later completion's) is the span of the prompt it attends to besides itself,
-    ``mask`` that call's ``[1, 1, c, P + c]`` mask; ``padding`` marks the row's tail, computed
-    as zeros.
+    ``prompt`` (a later completion's) is the span of the prompt it attends to besides itself;
+    ``padding`` marks the row's tail, computed as zeros.
     """
 
     start: int
     end: int
     prompt: tuple[int, int] | None = None
-    mask: Tensor | None = None
     padding: bool = False
+
+    @property
+    def prefix(self) -> int:
+        """Keys before the piece's own: its prompt's length for a later completion, else 0."""
+        return 0 if self.prompt is None else self.prompt[1] - self.prompt[0]
 
 
 @dataclass
 class PackedSpans:
-    """The pieces of every packed row, in row order; ``calls`` counts the attention layers that
-    have used them (:func:`check_spans_used`)."""
+    """The pieces of every packed row, in row order.
+
+    ``calls`` counts the attention calls that used them and ``windows`` the sliding windows
+    those calls were given (:func:`check_spans_used`); the masks are built once per shape.
+    """
 
     rows: list[list[Piece]]
-    calls: int = field(default=0, compare=False)
+    device: torch.device
+    calls: int = 0
+    windows: set[int] = field(default_factory=set)
+    _masks: dict[tuple[int, int, int | None], Tensor | None] = field(default_factory=dict, repr=False)
+
+    @property
+    def longest(self) -> int:
+        """The most keys one query attends over: the longest prompt with a completion."""
+        return max((p.prefix + p.end - p.start for row in self.rows for p in row if not p.padding), default=0)
+
+    def mask(self, piece: Piece, window: int | None) -> Tensor | None:
+        """``piece``'s ``[1, 1, c, P + c]`` boolean mask (``P`` its prefix), within a sliding window
+        of ``window`` tokens when given; ``None`` where SDPA's causal mode is exact.
+
+        Query ``i`` is the example's position ``P + i`` and key ``j`` its position ``j``: the key
+        is seen when ``j ≤ P + i`` and, in a window, ``j > P + i − window`` (``transformers``'
+        sliding-window rule)."""
+        length = piece.end - piece.start
+        windowed = window if window is not None and piece.prefix + length > window else None
+        if piece.prefix == 0 and windowed is None:
+            return None
+        shape = (piece.prefix, length, windowed)
+        if shape not in self._masks:
+            allowed = torch.ones(length, piece.prefix + length, dtype=torch.bool, device=self.device).tril(piece.prefix)
+            if windowed is not None:
+                allowed = allowed.triu(piece.prefix - windowed + 1)
+            self._masks[shape] = allowed[None, None]
+        return self._masks[shape]
 
 
 def packed_spans(sequence_ids: Tensor, branch_ids: Tensor) -> PackedSpans:
@@ -84,12 +120,10 @@ def packed_spans(sequence_ids: Tensor, branch_ids: Tensor) -> PackedSpans:
                 # The completion right after its prompt: causal attention over both covers it.
                 pieces[-1] = Piece(prompt[0], end)
             else:
-                length, context = end - at, prompt[1] - prompt[0] + end - at
-                mask = torch.ones(length, context, dtype=torch.bool, device=sequence_ids.device).tril(prompt[1] - prompt[0])
-                pieces.append(Piece(at, end, prompt=prompt, mask=mask[None, None]))
+                pieces.append(Piece(at, end, prompt=prompt))
             at = end
         rows.append(pieces)
-    return PackedSpans(rows)
+    return PackedSpans(rows, sequence_ids.device)
 
 
 def span_sdpa_attention(
@@ -99,14 +133,17 @@ def span_sdpa_attention(
     value: Tensor,
     attention_mask: Tensor | None,
     packed_spans: PackedSpans | None = None,
+    sliding_window: int | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
     """``transformers``' SDPA attention function, run per piece of ``packed_spans`` when given
     (``query`` ``[R, H, T, D]``, ``key`` / ``value`` ``[R, KV, T, D]``; returns ``[R, T, H, D]``),
-    else ``sdpa`` unchanged."""
+    within the layer's ``sliding_window`` if it has one; else ``sdpa`` unchanged."""
     if packed_spans is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, sliding_window=sliding_window, **kwargs)
     packed_spans.calls += 1
+    if sliding_window is not None:
+        packed_spans.windows.add(sliding_window)
     rows = []
     for r, pieces in enumerate(packed_spans.rows):
         outputs = []
@@ -120,7 +157,8 @@ def span_sdpa_attention(
                 start, end = piece.prompt
                 keys = torch.cat([key[r : r + 1, :, start:end], keys], 2)
                 values = torch.cat([value[r : r + 1, :, start:end], values], 2)
-            outputs.append(sdpa_attention_forward(module, queries, keys, values, piece.mask, **kwargs)[0])
+            mask = packed_spans.mask(piece, sliding_window)
+            outputs.append(sdpa_attention_forward(module, queries, keys, values, mask, **kwargs)[0])
         rows.append(torch.cat(outputs, 1))
     return torch.cat(rows, 0), None
 
@@ -138,12 +176,19 @@ def use_span_attention(decoder: torch.nn.Module) -> bool:
     return config is not None and config._attn_implementation == SPAN_SDPA
 
 
-def check_spans_used(spans: PackedSpans, model: torch.nn.Module) -> None:
-    """Raise when a forward pass given ``spans`` ran no attention layer on them: the
-    architecture does not pass its forward's keyword arguments down to its attention, whose
-    causal attention then ran across each whole packed row."""
+def check_spans_used(spans: PackedSpans, model: torch.nn.Module, window: int | None) -> None:
+    """Raise when a forward pass given ``spans`` did not run its attention on them: no layer got
+    them (the architecture does not pass its forward's keyword arguments down to its attention,
+    whose causal attention then ran across each whole packed row), or the model's sliding
+    ``window`` (from its config) never reached an attention call while an example is longer."""
     if spans.calls == 0:
         raise ValueError(
             f"{type(model).__name__} does not pass the packed spans down to its attention layers, so span "
             "attention cannot keep packed examples apart: set packed_attention: mask"
+        )
+    if window is not None and spans.longest > window and window not in spans.windows:
+        raise ValueError(
+            f"{type(model).__name__} attends through a sliding window of {window} tokens but does not pass it to "
+            f"its attention function, and a packed example spans {spans.longest} tokens: set max_length <= {window} "
+            "or packing: false"
         )

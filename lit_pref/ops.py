@@ -601,14 +601,14 @@ def packed_logps(
     branches: Tensor = batch["packed_branch_ids"]
     sequences: Tensor = batch["packed_sequence_ids"]
     inputs: dict[str, Any] = {}
-    if attention in ("spans", "mask"):
-        window, width = sliding_window(decoder), sequences.shape[-1]
-        if window is not None and width > window:
-            # The block-causal mask lets a token see its whole example; a sliding layer may not.
-            raise ValueError(
-                f"packed rows of {width} tokens are longer than the model's sliding attention window "
-                f"({window} tokens), which the packed mask does not apply: set max_length <= {window} or packing: false"
-            )
+    window = sliding_window(decoder)
+    if attention == "mask" and window is not None and sequences.shape[-1] > window:
+        # The block-causal mask lets a token see its whole example; a sliding layer may not.
+        raise ValueError(
+            f"packed rows of {sequences.shape[-1]} tokens are longer than the model's sliding attention window "
+            f"({window} tokens), which the packed mask does not apply: set max_length <= {window}, "
+            "packed_attention: spans (sdpa attention) or packing: false"
+        )
     if attention == "spans":
         if not use_span_attention(decoder):
             raise ValueError(f"span attention runs on sdpa attention, the model uses {implementation!r}: set packed_attention: mask")
@@ -625,7 +625,7 @@ def packed_logps(
         input_ids=batch["packed_input_ids"], position_ids=batch["packed_position_ids"], use_cache=False, **inputs
     ).last_hidden_state
     if attention == "spans":
-        check_spans_used(inputs["packed_spans"], model)
+        check_spans_used(inputs["packed_spans"], model, window)
     completion_states = hidden.flatten(0, 1)[batch["packed_source"]]
     counted = batch.get("completion_mask", batch["completion_attention_mask"])
     return hidden_logps(head, completion_states, batch["completion_input_ids"], counted, **head_kwargs)

@@ -113,19 +113,43 @@ def test_pairs_need_the_mask_not_position_ids(tiny_lm_dir):
         module.logps(module.policy, packed, packed_attention="position_ids")
 
 
+@pytest.mark.parametrize("packed_attention", ["spans", "mask"])
 @pytest.mark.parametrize("window", [8, 4096])
-def test_a_sliding_window_shorter_than_the_packed_rows_is_refused(window, tokenizer, tmp_path):
+def test_sliding_windows_apply_within_each_packed_example(window, packed_attention, tokenizer, tmp_path):
+    """Span attention bands each example by the window; the dense mask cannot, and refuses rows longer than it."""
     from lit_pref.tiny import build_tiny_causal_lm
 
     build_tiny_causal_lm(tokenizer, sliding_window=window).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    module, target = build("dpo", tmp_path, "sdpa")
+    module, target = build("dpo", tmp_path, "sdpa", packed_attention)
     padded, packed = batch_of(module, target, packing=False), batch_of(module, target, packing=True)
-    if window < packed["packed_input_ids"].shape[1]:
+    if packed_attention == "mask" and window < packed["packed_input_ids"].shape[1]:
         with pytest.raises(ValueError, match="longer than the model's sliding attention window"):
             loss_and_grads(module, packed)
-    else:  # every token's whole example lies within the window: the packed mask is exact
-        torch.testing.assert_close(loss_and_grads(module, packed)[0], loss_and_grads(module, padded)[0], rtol=0, atol=1e-5)
+        return
+    loss_padded, grads_padded = loss_and_grads(module, padded)
+    loss_packed, grads_packed = loss_and_grads(module, packed)
+    torch.testing.assert_close(loss_packed, loss_padded, rtol=0, atol=1e-5)
+    for key, grad in grads_padded.items():
+        torch.testing.assert_close(grads_packed[key], grad, rtol=0, atol=1e-5, msg=key)
+    if window == 8:  # the window changes the loss: the equality above holds only with it applied
+        module.policy.config.sliding_window = 1 << 20  # longer than any example: no band
+        for layer in module.policy.model.layers:
+            layer.self_attn.sliding_window = 1 << 20
+        with torch.no_grad():
+            assert abs(float(module.shared_step(packed, "val")[0]) - float(loss_packed)) > 1e-4
+
+
+def test_span_attention_refuses_a_sliding_window_it_is_not_given(tokenizer, tmp_path):
+    from lit_pref.tiny import build_tiny_causal_lm
+
+    build_tiny_causal_lm(tokenizer, sliding_window=8).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    module, target = build("dpo", tmp_path, "sdpa")
+    for layer in module.policy.model.layers:  # layers that keep the window to themselves
+        layer.self_attn.sliding_window = None
+    with torch.no_grad(), pytest.raises(ValueError, match="does not pass it to its attention function"):
+        module.logps(module.policy, batch_of(module, target, packing=True))
 
 
 def test_a_packed_dpo_run_matches_the_padded_run_step_for_step(tiny_lm_dir, tmp_path):
@@ -156,13 +180,19 @@ def test_span_pieces_cover_each_row_once():
     """A prompt runs causally with its first completion; a later one gets the prompt's keys too."""
     sequence_ids = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, -1, -1]])
     branch_ids = torch.tensor([[0, 0, 1, 2, 2, 0, 1, 1, -1, -1]])
-    (pieces,) = packed_spans(sequence_ids, branch_ids).rows
+    spans = packed_spans(sequence_ids, branch_ids)
+    (pieces,) = spans.rows
     assert [(p.start, p.end, p.prompt, p.padding) for p in pieces] == [
         (0, 3, None, False), (3, 5, (0, 2), False), (5, 8, None, False), (8, 10, None, True),
     ]  # fmt: skip
+    assert spans.longest == 4 and spans.mask(pieces[0], None) is None and spans.mask(pieces[2], 3) is None
     # The rejected completion's mask: the block-causal mask's rows for it, on its prompt's keys and its own.
     dense = block_causal_mask(sequence_ids, branch_ids=branch_ids)[0, 0]
-    torch.testing.assert_close(pieces[1].mask[0, 0], dense[3:5][:, [0, 1, 3, 4]], rtol=0, atol=0)
+    torch.testing.assert_close(spans.mask(pieces[1], None)[0, 0], dense[3:5][:, [0, 1, 3, 4]], rtol=0, atol=0)
+    # In a window of 2 tokens, each query sees itself and the key before it in its example.
+    banded = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    torch.testing.assert_close(spans.mask(pieces[1], 2)[0, 0], banded, rtol=0, atol=0)
+    assert torch.equal(spans.mask(pieces[0], 2)[0, 0], torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 1]], dtype=torch.bool))
 
 
 def test_span_attention_equals_the_dense_mask_under_checkpointing(tiny_lm_dir):
