@@ -145,7 +145,8 @@ def _token_logps_chunk(
     entropy with ``entropy_grad``)."""
     logits = head(hidden).float()
     if temperature != 1.0:
-        logits = logits / temperature
+        # In place: the head's matmul keeps its inputs for backward, not its output.
+        logits = logits.div_(temperature)
     with torch.no_grad():
         mean_logits = logits.mean(-1)
         sq_norm = (2 * logits).logsumexp(-1) - 2 * logits.logsumexp(-1) if with_sq_norm else None
@@ -187,13 +188,13 @@ def final_logit_transform(model: torch.nn.Module) -> tuple[float, float | None]:
 
 
 def _final_logits(head: torch.nn.Module, scale: float, softcap: float | None, hidden: Tensor) -> Tensor:
-    # In fp32: a bf16 tanh quantizes badly near the cap.
+    # In fp32: a bf16 tanh quantizes badly near the cap. In place, as a [tokens, vocab] tensor
+    # costs its page faults again on every allocation; only tanh's backward reads its output,
+    # so the cap's last multiply allocates.
     logits = head(hidden).float()
-    if scale != 1.0:
-        logits = logits * scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return logits
+    if softcap is None:
+        return logits.mul_(scale)
+    return torch.tanh_(logits.mul_(scale / softcap)) * softcap
 
 
 def decoder_and_head(model: CausalLM) -> tuple[torch.nn.Module, Callable[[Tensor], Tensor]]:

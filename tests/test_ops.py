@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
+from torch import Tensor
 from transformers import AutoModelForCausalLM
 
 from lit_pref.models import enable_activation_checkpointing
@@ -258,6 +261,21 @@ def test_log_probs_apply_the_logit_transform_of_the_models_forward(config_class,
     torch.testing.assert_close(out.token_logps[0], expected, rtol=0, atol=1e-5)
     # The head's raw output gives other log-probs, so the comparison above can fail.
     assert (raw.log_softmax(-1).gather(-1, targets).squeeze(-1) - expected).abs().max() > 1e-2
+
+    # The transform and a temperature run in place on the logits: gradients equal autograd's on the forward's logits.
+    def grads(logps: Callable[[], Tensor]) -> dict[str, Tensor]:
+        model.zero_grad(set_to_none=True)
+        (logps() * torch.linspace(-1, 1, len(completion))).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ids = torch.tensor([prompt + completion])
+    ours = grads(lambda: completion_logps(
+        model, ids[:, :3], torch.ones(1, 3), ids[:, 3:], torch.ones(1, 4), temperature=0.7
+    ).token_logps[0])  # fmt: skip
+    theirs = grads(lambda: (model(input_ids=ids).logits[0, 2:-1].float() / 0.7).log_softmax(-1).gather(-1, targets).squeeze(-1))
+    assert ours.keys() == theirs.keys() and max(float(g.abs().max()) for g in theirs.values()) > 1e-3
+    for name, grad in theirs.items():  # Granite's multipliers take some gradients to ~10³: 1e-5 of each one's largest
+        torch.testing.assert_close(ours[name], grad, rtol=0, atol=1e-5 * max(1.0, float(grad.abs().max())), msg=name)
 
 
 def test_entropy_sq_norm_and_temperature_against_direct_computation(model):
