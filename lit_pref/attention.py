@@ -116,7 +116,7 @@ def packed_spans(sequence_ids: Tensor, branch_ids: Tensor) -> PackedSpans:
             elif branch == 0:
                 prompt = (at, end)
                 pieces.append(Piece(at, end))
-            elif pieces and pieces[-1] == Piece(*prompt) and prompt[1] == at:
+            elif pieces and pieces[-1] == Piece(*prompt):
                 # The completion right after its prompt: causal attention over both covers it.
                 pieces[-1] = Piece(prompt[0], end)
             else:
@@ -141,6 +141,8 @@ def span_sdpa_attention(
     within the layer's ``sliding_window`` if it has one; else ``sdpa`` unchanged."""
     if packed_spans is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, sliding_window=sliding_window, **kwargs)
+    if kwargs.get("position_bias") is not None:
+        raise ValueError("span attention does not slice a per-position attention bias: use packed_attention: mask")
     packed_spans.calls += 1
     if sliding_window is not None:
         packed_spans.windows.add(sliding_window)
@@ -168,12 +170,16 @@ AttentionMaskInterface.register(SPAN_SDPA, sdpa_mask)
 
 
 def use_span_attention(decoder: torch.nn.Module) -> bool:
-    """Switch ``decoder`` (and the model sharing its config) from ``sdpa`` to :data:`SPAN_SDPA`;
-    whether it now runs span attention."""
+    """Switch ``decoder``'s language model (and the model sharing its config) from ``sdpa`` to
+    :data:`SPAN_SDPA`; whether it now runs span attention."""
     config: Any = getattr(decoder, "config", None)
-    if config is not None and getattr(config, "_attn_implementation", None) == "sdpa":
+    if config is None:
+        return False
+    # A vision-language model's text config only: the setter would pass the name on to every sub-config.
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if getattr(config, "_attn_implementation", None) == "sdpa":
         config._attn_implementation = SPAN_SDPA
-    return config is not None and config._attn_implementation == SPAN_SDPA
+    return bool(config._attn_implementation == SPAN_SDPA)
 
 
 def check_spans_used(spans: PackedSpans, model: torch.nn.Module, window: int | None) -> None:

@@ -483,8 +483,12 @@ def _text_config(model: torch.nn.Module) -> Any:
 def sliding_window(model: torch.nn.Module) -> int | None:
     """The window (in tokens) of ``model``'s sliding-window attention layers; ``None`` when every
     layer attends to the whole sequence."""
-    window = getattr(_text_config(model), "sliding_window", None)
-    return int(window) if window is not None else None
+    config = _text_config(model)
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or (layer_types and "sliding_attention" not in layer_types):
+        return None  # e.g. a Qwen2 whose window layers start past its last layer
+    return int(window)
 
 
 def takes_own_causal_mask(decoder: torch.nn.Module) -> bool:
@@ -602,31 +606,37 @@ def packed_logps(
     branches: Tensor = batch["packed_branch_ids"]
     sequences: Tensor = batch["packed_sequence_ids"]
     inputs: dict[str, Any] = {}
-    window = sliding_window(decoder)
-    if attention == "mask" and window is not None and sequences.shape[-1] > window:
-        # The block-causal mask lets a token see its whole example; a sliding layer may not.
-        raise ValueError(
-            f"packed rows of {sequences.shape[-1]} tokens are longer than the model's sliding attention window "
-            f"({window} tokens), which the packed mask does not apply: set max_length <= {window}, "
-            "packed_attention: spans (sdpa attention) or packing: false"
-        )
-    if attention == "spans":
-        if not use_span_attention(decoder):
-            raise ValueError(f"span attention runs on sdpa attention, the model uses {implementation!r}: set packed_attention: mask")
-        # An all-ones 2-D mask: transformers builds no mask from it (nor one from the restarting position ids).
-        inputs = {"attention_mask": torch.ones_like(sequences), "packed_spans": packed_spans(sequences, branches)}
-    elif attention == "mask":
+    window, spans = sliding_window(decoder), packed_spans(sequences, branches)
+    if attention == "mask":
+        if not takes_dense_mask(model):
+            raise ValueError(f"the dense packed mask needs eager or sdpa attention, the model uses {implementation!r}")
+        if window is not None and spans.longest > window:
+            # The block-causal mask lets a token see its whole example; a sliding layer may not.
+            raise ValueError(
+                f"a packed example spans {spans.longest} tokens, more than the model's sliding attention window "
+                f"({window} tokens), which the dense packed mask does not apply: use packed_attention: spans "
+                "(sdpa attention) or packing: false"
+            )
         inputs = {"attention_mask": block_causal_mask(sequences, attention_dtype(decoder), branches)}
+    elif attention == "spans":
+        if not use_span_attention(decoder):
+            raise ValueError(
+                f"span attention runs on sdpa attention, the model uses {implementation!r}: load it with "
+                "attn_implementation: sdpa, or use packed_attention: mask (eager) or position_ids (flash attention, "
+                "one completion per prompt)"
+            )
+        # An all-ones 2-D mask: transformers builds no mask from it (nor one from the restarting position ids).
+        inputs = {"attention_mask": torch.ones_like(sequences), "packed_spans": spans}
     elif int(branches.max()) > 1:
         raise ValueError(
-            f"packed prompts with several completions need the attention mask (eager or sdpa attention, "
-            f"the model uses {implementation!r}): position ids alone cannot keep a prompt's completions apart"
+            f"packed prompts with several completions need packed_attention: spans or mask (the model uses "
+            f"{implementation!r}): position ids alone cannot keep a prompt's completions apart"
         )
     hidden = decoder(
         input_ids=batch["packed_input_ids"], position_ids=batch["packed_position_ids"], use_cache=False, **inputs
     ).last_hidden_state
     if attention == "spans":
-        check_spans_used(inputs["packed_spans"], model, window)
+        check_spans_used(spans, model, window)
     completion_states = hidden.flatten(0, 1)[batch["packed_source"]]
     counted = batch.get("completion_mask", batch["completion_attention_mask"])
     return hidden_logps(head, completion_states, batch["completion_input_ids"], counted, **head_kwargs)

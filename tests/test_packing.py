@@ -93,10 +93,11 @@ def test_packed_loss_and_gradients_equal_the_padded_ones(name, attn, packed_atte
         torch.testing.assert_close(grads_packed[key], grad, rtol=0, atol=1e-5, msg=key)
 
 
-def test_without_the_branch_mask_the_rejected_completion_would_see_the_chosen(tiny_lm_dir):
-    """The equality above can fail: a mask that lets a prompt's completions see each other changes
-    the rejected completions' log-probs (and only theirs)."""
-    module, target = build("dpo", tiny_lm_dir, "sdpa")
+@pytest.mark.parametrize("packed_attention", ["spans", "mask"])
+def test_without_the_branch_mask_the_rejected_completion_would_see_the_chosen(tiny_lm_dir, packed_attention):
+    """The equality above can fail: attention that lets a prompt's completions see each other
+    changes the rejected completions' log-probs (and only theirs)."""
+    module, target = build("dpo", tiny_lm_dir, "sdpa", packed_attention)
     packed = batch_of(module, target, packing=True)
     with torch.no_grad():
         chosen, rejected = module.logps(module.policy, packed).pairs()
@@ -109,7 +110,7 @@ def test_without_the_branch_mask_the_rejected_completion_would_see_the_chosen(ti
 def test_pairs_need_the_mask_not_position_ids(tiny_lm_dir):
     module, target = build("dpo", tiny_lm_dir, "sdpa")
     packed = batch_of(module, target, packing=True)
-    with pytest.raises(ValueError, match="need the attention mask"):
+    with pytest.raises(ValueError, match="need packed_attention: spans or mask"):
         module.logps(module.policy, packed, packed_attention="position_ids")
 
 
@@ -123,8 +124,9 @@ def test_sliding_windows_apply_within_each_packed_example(window, packed_attenti
     tokenizer.save_pretrained(tmp_path)
     module, target = build("dpo", tmp_path, "sdpa", packed_attention)
     padded, packed = batch_of(module, target, packing=False), batch_of(module, target, packing=True)
-    if packed_attention == "mask" and window < packed["packed_input_ids"].shape[1]:
-        with pytest.raises(ValueError, match="longer than the model's sliding attention window"):
+    longest = packed_spans(packed["packed_sequence_ids"], packed["packed_branch_ids"]).longest
+    if packed_attention == "mask" and window < longest:
+        with pytest.raises(ValueError, match="more than the model's sliding attention window"):
             loss_and_grads(module, packed)
         return
     loss_padded, grads_padded = loss_and_grads(module, padded)
@@ -244,3 +246,24 @@ def test_span_attention_needs_sdpa_and_a_decoder_that_passes_it_the_spans(tiny_l
         )
     with torch.no_grad(), pytest.raises(ValueError, match="does not pass the packed spans"):
         batch_logps(module.policy, packed)
+
+
+def test_packed_attention_modes_refuse_what_they_cannot_run(tiny_lm_dir, tokenizer):
+    from lit_pref.attention import span_sdpa_attention
+    from lit_pref.ops import sliding_window
+    from lit_pref.tiny import build_tiny_causal_lm
+
+    module, target = build("dpo", tiny_lm_dir, "sdpa")
+    packed = batch_of(module, target, packing=True)
+    module.policy.config._attn_implementation = "flex_attention"  # takes no dense float mask
+    with pytest.raises(ValueError, match="the dense packed mask needs eager or sdpa attention"):
+        batch_logps(module.policy, packed, packed_attention="mask")
+    spans = packed_spans(packed["packed_sequence_ids"], packed["packed_branch_ids"])
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="does not slice a per-position attention bias"):
+        span_sdpa_attention(module.policy.model.layers[0].self_attn, q, q, q, None, spans, position_bias=torch.zeros(1, 2, 4, 4))
+    # A Qwen2 window that starts past its last layer is no window at all.
+    qwen = build_tiny_causal_lm(tokenizer, sliding_window=8)
+    assert sliding_window(qwen) == 8
+    qwen.config.layer_types = ["full_attention"] * qwen.config.num_hidden_layers
+    assert sliding_window(qwen) is None

@@ -41,8 +41,9 @@ class SFT(AlignmentModule):
     mean over all counted tokens of the batch, so long and short examples weigh per token.
 
     Packed batches (``packing: true`` in the data module, :mod:`lit_pref.data.packing`) are scored
-    with a block-diagonal causal attention mask and per-example position ids, so each example sees
-    only its own tokens and the loss equals the unpacked one.
+    with per-example position ids and attention kept within each example (``packed_attention``:
+    span attention, a block-diagonal causal mask or the varlen kernel), so each example sees only
+    its own tokens and the loss equals the unpacked one.
 
     Logged: ``loss`` (mean NLL per counted token), ``token_accuracy`` (share of counted tokens the
     model ranks first) and, in training, ``tokens_seen`` (counted tokens trained on so far, all
