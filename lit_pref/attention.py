@@ -74,7 +74,7 @@ class PackedSpans:
     device: torch.device
     calls: int = 0
     windows: set[int] = field(default_factory=set)
-    _masks: dict[tuple[int, int, int | None], Tensor | None] = field(default_factory=dict, repr=False)
+    _masks: dict[tuple[int, int, int | None], Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def longest(self) -> int:

@@ -606,14 +606,14 @@ def packed_logps(
     branches: Tensor = batch["packed_branch_ids"]
     sequences: Tensor = batch["packed_sequence_ids"]
     inputs: dict[str, Any] = {}
-    window, spans = sliding_window(decoder), packed_spans(sequences, branches)
+    window = sliding_window(decoder)
     if attention == "mask":
         if not takes_dense_mask(model):
             raise ValueError(f"the dense packed mask needs eager or sdpa attention, the model uses {implementation!r}")
-        if window is not None and spans.longest > window:
-            # The block-causal mask lets a token see its whole example; a sliding layer may not.
+        # The block-causal mask lets a token see its whole example; a sliding layer may not.
+        if window is not None and (longest := packed_spans(sequences, branches).longest) > window:
             raise ValueError(
-                f"a packed example spans {spans.longest} tokens, more than the model's sliding attention window "
+                f"a packed example spans {longest} tokens, more than the model's sliding attention window "
                 f"({window} tokens), which the dense packed mask does not apply: use packed_attention: spans "
                 "(sdpa attention) or packing: false"
             )
@@ -625,6 +625,7 @@ def packed_logps(
                 "attn_implementation: sdpa, or use packed_attention: mask (eager) or position_ids (flash attention, "
                 "one completion per prompt)"
             )
+        spans = packed_spans(sequences, branches)
         # An all-ones 2-D mask: transformers builds no mask from it (nor one from the restarting position ids).
         inputs = {"attention_mask": torch.ones_like(sequences), "packed_spans": spans}
     elif int(branches.max()) > 1:
