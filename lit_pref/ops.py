@@ -197,6 +197,14 @@ def _final_logits(head: torch.nn.Module, scale: float, softcap: float | None, hi
     return torch.tanh_(logits.mul_(scale / softcap)) * softcap
 
 
+def text_decoder(model: Any) -> torch.nn.Module:
+    """``model.get_decoder()``: a causal LM's decoder stack, without the head; ``model`` itself
+    when it holds none. Where ``transformers``' lookup misses it, the decoder stored as
+    ``model.model``: Llama 4's text model names ``language_model`` as its base model's attribute."""
+    decoder: torch.nn.Module = model.get_decoder()
+    return getattr(model, "model", model) if decoder is model else decoder
+
+
 def decoder_and_head(model: CausalLM) -> tuple[torch.nn.Module, Callable[[Tensor], Tensor]]:
     """A causal LM's decoder (no LM head) and its LM head, the two halves of the log-prob path.
 
@@ -204,7 +212,7 @@ def decoder_and_head(model: CausalLM) -> tuple[torch.nn.Module, Callable[[Tensor
     capping some architectures apply after the LM head (:func:`final_logit_transform`). A
     vision-language model's decoder is its multimodal one, which encodes the images too.
     """
-    decoder, head = multimodal_decoder(model) or model.get_decoder(), model.get_output_embeddings()
+    decoder, head = multimodal_decoder(model) or text_decoder(model), model.get_output_embeddings()
     if decoder is model or head is None:
         raise TypeError(
             f"{type(model).__name__} does not expose a decoder and an LM head separately "
@@ -480,25 +488,66 @@ def _text_config(model: torch.nn.Module) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+# ``layer_types`` (transformers' names) of layers that mix tokens through attention only, and of
+# layers that do not mix tokens at all (MLP and mixture-of-experts blocks).
+_ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
+_TOKENWISE_LAYERS = frozenset({"dense", "sparse", "moe"})
+
+
+def layer_types(model: torch.nn.Module) -> set[str]:
+    """The kinds of layer ``model``'s language model stacks (its config's ``layer_types``; empty
+    for a config that does not list them, as older all-attention ones)."""
+    return set(getattr(_text_config(model), "layer_types", None) or ())
+
+
 def sliding_window(model: torch.nn.Module) -> int | None:
     """The window (in tokens) of ``model``'s sliding-window attention layers; ``None`` when every
     layer attends to the whole sequence."""
     config = _text_config(model)
     window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if window is None or (layer_types and "sliding_attention" not in layer_types):
+    kinds = layer_types(model)
+    if window is None or (kinds and "sliding_attention" not in kinds):
         return None  # e.g. a Qwen2 whose window layers start past its last layer
     return int(window)
 
 
 def takes_own_causal_mask(decoder: torch.nn.Module) -> bool:
     """Whether ``decoder`` may be handed a causal 4-D mask built by lit_pref: its attention takes
-    dense masks and no layer attends through a sliding window (``transformers`` builds those
-    layers' masks from the 2-D one; a 4-D mask would reach them unchanged)."""
+    dense masks and every layer attends to the whole sequence (``transformers`` builds the masks
+    of sliding-window and chunked layers from the 2-D one, and recurrent or convolutional layers
+    read it to skip padding; a 4-D mask would reach them unchanged)."""
     if getattr(decoder, "config", None) is None or not takes_dense_mask(decoder):
         return False
-    layer_types = getattr(_text_config(decoder), "layer_types", None) or ()
-    return sliding_window(decoder) is None and "sliding_attention" not in layer_types
+    return sliding_window(decoder) is None and layer_types(decoder) <= {"full_attention"} | _TOKENWISE_LAYERS
+
+
+def check_packable(model: torch.nn.Module, longest_example: Callable[[], int]) -> None:
+    """Refuses a model whose layers a packed row would let one example's tokens reach another's.
+
+    Span attention and the block-causal mask keep examples apart in attention layers; recurrent
+    (``linear_attention``: Mamba, gated delta nets…), convolutional and hybrid layers carry their
+    state along the row into the next example. A chunked layer (Llama 4) attends within chunks
+    of ``attention_chunk_size`` positions, which packing does not apply: examples of at most that
+    many tokens are exact (alone, an example starts at position 0, so no chunk boundary falls
+    inside it).
+
+    Args:
+        model: the causal LM a packed batch is about to run through.
+        longest_example: the batch's longest example (a prompt and one of its completions), in
+            tokens; called only for a model with chunked layers.
+    """
+    kinds = layer_types(model)
+    if mixing := sorted(kinds - _ATTENTION_LAYERS - _TOKENWISE_LAYERS):
+        raise ValueError(
+            f"packing keeps examples apart in attention layers only; this model also has {', '.join(mixing)} "
+            "layers, which would carry each packed example's state into the next one: use packing: false"
+        )
+    chunk = getattr(_text_config(model), "attention_chunk_size", None)
+    if "chunked_attention" in kinds and chunk is not None and (longest := longest_example()) > chunk:
+        raise ValueError(
+            f"a packed example spans {longest} tokens, more than the model's attention chunk ({chunk} tokens), "
+            "which packing does not apply: use packing: false, or a max_length of at most the chunk"
+        )
 
 
 def attention_dtype(decoder: Any) -> torch.dtype:
@@ -597,14 +646,15 @@ def packed_logps(
     if batch.get("vision_inputs") is not None:
         raise ValueError("packing does not take image inputs yet; use the padded layout (packing: false)")
     decoder, head = decoder_and_head(model)
+    branches: Tensor = batch["packed_branch_ids"]
+    sequences: Tensor = batch["packed_sequence_ids"]
+    check_packable(decoder, lambda: packed_spans(sequences, branches).longest)
     implementation = attention_implementation(model)
     if attention == "auto":
         if implementation in ("sdpa", SPAN_SDPA):
             attention = "spans"
         else:
             attention = "mask" if takes_dense_mask(model) else "position_ids"
-    branches: Tensor = batch["packed_branch_ids"]
-    sequences: Tensor = batch["packed_sequence_ids"]
     inputs: dict[str, Any] = {}
     window = sliding_window(decoder)
     if attention == "mask":

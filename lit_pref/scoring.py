@@ -33,7 +33,7 @@ from transformers import (
 
 from lit_pref.data.tokenize import TruncationConfig, encode_completion, encode_prompt, truncate
 from lit_pref.models import DTYPES, freeze, is_adapter_dir, is_peft_model, load_causal_lm, load_tokenizer
-from lit_pref.ops import completion_hidden, last_token_index, position_ids_from_mask
+from lit_pref.ops import completion_hidden, last_token_index, position_ids_from_mask, text_decoder
 from lit_pref.types import CausalLM, CompletionBatch
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -191,7 +191,7 @@ def reward_network_parts(
     """
     base = model.get_base_model() if is_peft_model(model) else model
     if value_head is not None:
-        backbone = base.get_decoder() if hasattr(base, "get_decoder") else None
+        backbone = text_decoder(base) if hasattr(base, "get_decoder") else None
         if backbone is None or backbone is base:
             raise TypeError(
                 f"{type(base).__name__} does not expose its decoder (get_decoder); a value head needs a causal LM"
@@ -405,7 +405,7 @@ class ValueModel(torch.nn.Module):
     @classmethod
     def from_causal_lm(cls, model: CausalLM, copy_decoder: bool = True) -> ValueModel:
         """A causal LM's decoder (a copy unless ``copy_decoder`` is off) with a zero head."""
-        decoder = copy.deepcopy(model.get_decoder()) if copy_decoder else model.get_decoder()
+        decoder = copy.deepcopy(text_decoder(model)) if copy_decoder else text_decoder(model)
         return cls(decoder, zero_value_head(model))
 
     def forward(self, batch: CompletionBatch, share_prompt: bool = True) -> Tensor:

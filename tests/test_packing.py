@@ -154,6 +154,53 @@ def test_span_attention_refuses_a_sliding_window_it_is_not_given(tokenizer, tmp_
         module.logps(module.policy, batch_of(module, target, packing=True))
 
 
+def save_architecture(config_class: str, tokenizer, directory, **settings):
+    """A tiny randomly initialised model of another architecture, with the tiny tokenizer, saved to ``directory``."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    config = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, **settings,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+@pytest.mark.parametrize("packed_attention", ["spans", "mask"])
+def test_packing_refuses_layers_that_carry_state_from_one_example_to_the_next(packed_attention, tokenizer, tmp_path):
+    # LFM2's short convolutions run along the packed row, across example boundaries.
+    save_architecture("Lfm2Config", tokenizer, tmp_path, layer_types=["conv", "full_attention"])
+    module, target = build("dpo", tmp_path, "sdpa", packed_attention)
+    packed = batch_of(module, target, packing=True)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"also has conv layers.*use packing: false"):
+        module.logps(module.policy, packed)
+    assert attention_implementation(module.policy) == "sdpa"  # refused before anything was switched
+
+
+@pytest.mark.parametrize("packed_attention", ["spans", "mask"])
+@pytest.mark.parametrize("chunk", [8, 4096])
+def test_chunked_attention_packs_the_examples_a_chunk_holds(chunk, packed_attention, tokenizer, tmp_path):
+    """Llama 4's chunked layers: examples no longer than a chunk pack exactly; longer ones are refused."""
+    settings = {"head_dim": 32, "intermediate_size_mlp": 128, "num_local_experts": 2, "no_rope_layers": [1, 0]}
+    save_architecture("Llama4TextConfig", tokenizer, tmp_path, attention_chunk_size=chunk, **settings)
+    module, target = build("dpo", tmp_path, "sdpa", packed_attention)
+    assert "chunked_attention" in module.policy.config.layer_types
+    padded, packed = batch_of(module, target, packing=False), batch_of(module, target, packing=True)
+    if chunk == 8:
+        with pytest.raises(ValueError, match="more than the model's attention chunk"):
+            loss_and_grads(module, packed)
+        return
+    loss_padded, grads_padded = loss_and_grads(module, padded)
+    loss_packed, grads_packed = loss_and_grads(module, packed)
+    torch.testing.assert_close(loss_packed, loss_padded, rtol=0, atol=1e-5)
+    assert grads_padded.keys() == grads_packed.keys() and max(float(g.abs().max()) for g in grads_padded.values()) > 1e-3
+    for key, grad in grads_padded.items():
+        torch.testing.assert_close(grads_packed[key], grad, rtol=0, atol=1e-5, msg=key)
+
+
 def test_a_packed_dpo_run_matches_the_padded_run_step_for_step(tiny_lm_dir, tmp_path):
     """Through the data module and the Trainer: the same weights after three optimizer steps."""
     import lightning as L
