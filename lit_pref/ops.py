@@ -524,23 +524,32 @@ def takes_own_causal_mask(decoder: torch.nn.Module) -> bool:
 def check_packable(model: torch.nn.Module, longest_example: Callable[[], int]) -> None:
     """Refuses a model whose layers a packed row would let one example's tokens reach another's.
 
-    Span attention and the block-causal mask keep examples apart in attention layers; recurrent
+    Span attention and the block-causal mask keep examples apart in full, sliding-window and
+    chunked attention layers, and each example's positions restart at 0. Recurrent
     (``linear_attention``: Mamba, gated delta nets…), convolutional and hybrid layers carry their
-    state along the row into the next example. A chunked layer (Llama 4) attends within chunks
-    of ``attention_chunk_size`` positions, which packing does not apply: examples of at most that
-    many tokens are exact (alone, an example starts at position 0, so no chunk boundary falls
-    inside it).
+    state along the row into the next example; indexed and compressed attention kinds select keys
+    in ways neither applies the examples' bounds to; a decoder that takes no ``position_ids``
+    (RWKV, xLSTM, which list no ``layer_types``) sees one long sequence. A chunked layer (Llama 4)
+    attends within chunks of ``attention_chunk_size`` positions, which packing does not apply:
+    examples of at most that many tokens are exact (alone, an example starts at position 0, so no
+    chunk boundary falls inside it).
 
     Args:
-        model: the causal LM a packed batch is about to run through.
+        model: the decoder a packed batch is about to run through.
         longest_example: the batch's longest example (a prompt and one of its completions), in
             tokens; called only for a model with chunked layers.
     """
     kinds = layer_types(model)
     if mixing := sorted(kinds - _ATTENTION_LAYERS - _TOKENWISE_LAYERS):
         raise ValueError(
-            f"packing keeps examples apart in attention layers only; this model also has {', '.join(mixing)} "
-            "layers, which would carry each packed example's state into the next one: use packing: false"
+            "packing keeps examples apart in full, sliding-window and chunked attention only; this model also has "
+            f"{', '.join(mixing)} layers, which would let each packed example reach the next one: use packing: false"
+        )
+    inputs = inspect.signature(model.forward).parameters
+    if "input_ids" in inputs and "position_ids" not in inputs:  # a wrapper's (*args, **kwargs) passes
+        raise ValueError(
+            f"{type(model).__name__} takes no position_ids, so it would run a packed row as one sequence "
+            "and each example would see the ones before it: use packing: false"
         )
     chunk = getattr(_text_config(model), "attention_chunk_size", None)
     if "chunked_attention" in kinds and chunk is not None and (longest := longest_example()) > chunk:

@@ -180,6 +180,16 @@ def test_packing_refuses_layers_that_carry_state_from_one_example_to_the_next(pa
     assert attention_implementation(module.policy) == "sdpa"  # refused before anything was switched
 
 
+def test_packing_refuses_a_decoder_that_takes_no_position_ids(tokenizer, tmp_path):
+    # RWKV lists no layer_types and swallows unknown keywords: without this check it would run the
+    # packed row as one sequence.
+    save_architecture("RwkvConfig", tokenizer, tmp_path, attention_hidden_size=64)
+    module, target = build("dpo", tmp_path, "eager")
+    packed = batch_of(module, target, packing=True)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"RwkvModel takes no position_ids.*use packing: false"):
+        module.logps(module.policy, packed)
+
+
 @pytest.mark.parametrize("packed_attention", ["spans", "mask"])
 @pytest.mark.parametrize("chunk", [8, 4096])
 def test_chunked_attention_packs_the_examples_a_chunk_holds(chunk, packed_attention, tokenizer, tmp_path):
