@@ -21,7 +21,8 @@ loss reads). The values are those of the dense mask's attention, to float roundi
 ``transformers`` picks a model's attention function by name at every call, so a model running
 ``sdpa`` is switched to :data:`SPAN_SDPA` (:func:`use_span_attention`), registered here as an
 attention and a mask function. It is ``sdpa`` itself on every call that carries no
-:class:`PackedSpans` (padded batches, generation), so the switch changes nothing else; the name
+:class:`PackedSpans` (padded batches, generation), so the switch changes nothing else; within a
+packed forward (:func:`spans_forward`) its mask function builds no mask at all; the name
 is not written by ``save_pretrained``. The spans reach each attention layer as a keyword argument
 of the decoder's forward, passed down by the ``transformers`` decoders that forward their
 ``**kwargs`` (Llama, Qwen, Mistral, Gemma…); :func:`check_spans_used` fails loudly where they
@@ -31,6 +32,9 @@ did not arrive.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +45,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 SPAN_SDPA = "lit_pref_span_sdpa"
+# Set while a decoder runs packed rows through span attention, which masks each piece itself: the
+# [R, 1, T, T] masks transformers would build from the rows' 2-D mask (a sliding layer's, once a
+# row outgrows the window) would go unread.
+_SPANS_FORWARD: ContextVar[bool] = ContextVar("lit_pref_spans_forward", default=False)
 
 
 @dataclass(frozen=True)
@@ -165,8 +173,24 @@ def span_sdpa_attention(
     return torch.cat(rows, 0), None
 
 
+@contextmanager
+def spans_forward() -> Iterator[None]:
+    """The scope of a decoder forward over packed rows under span attention, within which
+    ``transformers`` builds no attention mask for a :data:`SPAN_SDPA` model."""
+    token = _SPANS_FORWARD.set(True)
+    try:
+        yield
+    finally:
+        _SPANS_FORWARD.reset(token)
+
+
+def span_sdpa_mask(*args: Any, **kwargs: Any) -> Tensor | None:
+    """``transformers``' SDPA mask function; no mask within :func:`spans_forward`."""
+    return None if _SPANS_FORWARD.get() else sdpa_mask(*args, **kwargs)
+
+
 AttentionInterface.register(SPAN_SDPA, span_sdpa_attention)
-AttentionMaskInterface.register(SPAN_SDPA, sdpa_mask)
+AttentionMaskInterface.register(SPAN_SDPA, span_sdpa_mask)
 
 
 def use_span_attention(decoder: torch.nn.Module) -> bool:

@@ -7,6 +7,7 @@ the values; positions where the mask is 0 never influence a result.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import itertools
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from lit_pref.attention import SPAN_SDPA, check_spans_used, packed_spans, use_span_attention
+from lit_pref.attention import SPAN_SDPA, check_spans_used, packed_spans, spans_forward, use_span_attention
 from lit_pref.types import CausalLM, CompletionBatch, CompletionLogps
 from lit_pref.vision.modeling import check_vision_inputs, multimodal_decoder
 from lit_pref.vision.processing import repeat_vision_inputs
@@ -685,16 +686,18 @@ def packed_logps(
                 "one completion per prompt)"
             )
         spans = packed_spans(sequences, branches)
-        # An all-ones 2-D mask: transformers builds no mask from it (nor one from the restarting position ids).
+        # An all-ones 2-D mask, so transformers does not look for the sequences in the restarting
+        # position ids; within spans_forward it builds no mask from it either.
         inputs = {"attention_mask": torch.ones_like(sequences), "packed_spans": spans}
     elif int(branches.max()) > 1:
         raise ValueError(
             f"packed prompts with several completions need packed_attention: spans or mask (the model uses "
             f"{implementation!r}): position ids alone cannot keep a prompt's completions apart"
         )
-    hidden = decoder(
-        input_ids=batch["packed_input_ids"], position_ids=batch["packed_position_ids"], use_cache=False, **inputs
-    ).last_hidden_state
+    with spans_forward() if attention == "spans" else contextlib.nullcontext():
+        hidden = decoder(
+            input_ids=batch["packed_input_ids"], position_ids=batch["packed_position_ids"], use_cache=False, **inputs
+        ).last_hidden_state
     if attention == "spans":
         check_spans_used(spans, model, window)
     completion_states = hidden.flatten(0, 1)[batch["packed_source"]]

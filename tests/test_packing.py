@@ -134,6 +134,17 @@ def test_sliding_windows_apply_within_each_packed_example(window, packed_attenti
     torch.testing.assert_close(loss_packed, loss_padded, rtol=0, atol=1e-5)
     for key, grad in grads_padded.items():
         torch.testing.assert_close(grads_packed[key], grad, rtol=0, atol=1e-5, msg=key)
+    if packed_attention == "spans":  # masks per piece only: transformers builds no [R, 1, T, T] one for the rows
+        masks: list = []
+        hooks = [
+            layer.self_attn.register_forward_pre_hook(lambda _, args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True)
+            for layer in module.policy.model.layers
+        ]  # fmt: skip
+        with torch.no_grad():
+            module.logps(module.policy, packed)
+        for hook in hooks:
+            hook.remove()
+        assert len(masks) == len(module.policy.model.layers) and all(mask is None for mask in masks)
     if window == 8:  # the window changes the loss: the equality above holds only with it applied
         module.policy.config.sliding_window = 1 << 20  # longer than any example: no band
         for layer in module.policy.model.layers:
