@@ -201,9 +201,11 @@ def _final_logits(head: torch.nn.Module, scale: float, softcap: float | None, hi
 def text_decoder(model: Any) -> torch.nn.Module:
     """``model.get_decoder()``: a causal LM's decoder stack, without the head; ``model`` itself
     when it holds none. Where ``transformers``' lookup misses it, the decoder stored as
-    ``model.model``: Llama 4's text model names ``language_model`` as its base model's attribute."""
+    ``model.model``: Llama 4's text model names ``language_model`` as its base model's attribute
+    (a PEFT model's lookup then returns the model it wraps)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder: torch.nn.Module = model.get_decoder()
-    return getattr(model, "model", model) if decoder is model else decoder
+    return decoder if decoder is not base else getattr(base, "model", model)
 
 
 def decoder_and_head(model: CausalLM) -> tuple[torch.nn.Module, Callable[[Tensor], Tensor]]:
@@ -490,9 +492,10 @@ def _text_config(model: torch.nn.Module) -> Any:
 
 
 # ``layer_types`` (transformers' names) of layers that mix tokens through attention only, and of
-# layers that do not mix tokens at all (MLP and mixture-of-experts blocks).
+# layers that do not mix tokens at all: MLP and mixture-of-experts blocks (Nemotron-H lists them as
+# mlp and moe; dense and sparse are transformers' names for MLP kinds).
 _ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
-_TOKENWISE_LAYERS = frozenset({"dense", "sparse", "moe"})
+_TOKENWISE_LAYERS = frozenset({"mlp", "moe", "dense", "sparse"})
 
 
 def layer_types(model: torch.nn.Module) -> set[str]:

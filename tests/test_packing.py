@@ -14,7 +14,7 @@ from datasets import Dataset
 from lit_pref.attention import SPAN_SDPA, packed_spans
 from lit_pref.data.datamodule import PreferenceDataModule
 from lit_pref.modules import BCO, CPO, DPO, KTO, ORPO
-from lit_pref.ops import attention_implementation, batch_logps, block_causal_mask
+from lit_pref.ops import attention_implementation, batch_logps, block_causal_mask, decoder_and_head
 
 WORDS = ["the", "day", "is", "warm", "and", "good", "a", "cold", "night", "feels", "long", "bright", "friends", "laugh", "together"]
 
@@ -201,12 +201,25 @@ def test_packing_refuses_a_decoder_that_takes_no_position_ids(tokenizer, tmp_pat
         module.logps(module.policy, packed)
 
 
+LLAMA4 = {"head_dim": 32, "intermediate_size_mlp": 128, "num_local_experts": 2, "no_rope_layers": [1, 0]}
+
+
+def test_the_decoder_of_llama4_is_found_under_peft(tokenizer, tmp_path):
+    # transformers' get_decoder misses it, and on a PEFT model returns the wrapped causal LM, head included.
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    save_architecture("Llama4TextConfig", tokenizer, tmp_path, **LLAMA4)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    decoder, _ = decoder_and_head(get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])))
+    assert decoder is model.model and type(decoder).__name__ == "Llama4TextModel"
+
+
 @pytest.mark.parametrize("packed_attention", ["spans", "mask"])
 @pytest.mark.parametrize("chunk", [8, 4096])
 def test_chunked_attention_packs_the_examples_a_chunk_holds(chunk, packed_attention, tokenizer, tmp_path):
     """Llama 4's chunked layers: examples no longer than a chunk pack exactly; longer ones are refused."""
-    settings = {"head_dim": 32, "intermediate_size_mlp": 128, "num_local_experts": 2, "no_rope_layers": [1, 0]}
-    save_architecture("Llama4TextConfig", tokenizer, tmp_path, attention_chunk_size=chunk, **settings)
+    save_architecture("Llama4TextConfig", tokenizer, tmp_path, attention_chunk_size=chunk, **LLAMA4)
     module, target = build("dpo", tmp_path, "sdpa", packed_attention)
     assert "chunked_attention" in module.policy.config.layer_types
     padded, packed = batch_of(module, target, packing=False), batch_of(module, target, packing=True)
