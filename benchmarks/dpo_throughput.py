@@ -19,7 +19,8 @@ extra: ``pip install -e .[bench]``)::
 
 Page faults weigh on CPU steps: by default glibc returns large freed blocks to the system, and
 every fresh one faults its pages in again. ``--keep-freed-memory`` sets ``GLIBC_TUNABLES`` for
-every child (both libraries), which is closer to what a GPU's caching allocator does.
+the throughput comparisons' children (both libraries), which is closer to what a GPU's caching
+allocator does; the memory probe keeps the default, as kept memory would count in its RSS limit.
 
 Per run: tokens/s (real prompt + completion tokens over step time), peak RSS and the
 training-time memory increment (peak RSS minus RSS once the models are loaded); for the uniform
@@ -49,10 +50,6 @@ SKEWED_PROMPT, SKEWED_COMPLETION = (16, 512), (8, 256)
 # The memory probe: the longest completion (prompt 128 tokens, batch 4) whose training step stays
 # within MEMORY_LIMIT of resident memory.
 LONG_PROMPT, MEMORY_LIMIT_MIB = 128, 8 * 1024
-# glibc's malloc returns blocks of 32 MiB and more to the system on every free (and trims its heap
-# top past 64 MiB), so each fresh [tokens, vocab] tensor is paid again in page faults. Fixed
-# thresholds beyond any tensor here keep freed memory for reuse, as a GPU's caching allocator does.
-KEEP_FREED_MEMORY = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296"
 # (library, reference precomputed, gradient checkpointing, padding-free) of each configuration.
 RUNS = {
     "lit_pref": ("lit_pref", False, False, False),
@@ -296,9 +293,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="run every child (both libraries) with glibc's malloc keeping freed memory for reuse "
-                             "(GLIBC_TUNABLES=" + KEEP_FREED_MEMORY + ")")  # fmt: skip
+    pairs.add_malloc_argument(parser)
     parser.add_argument("--only", default="uniform,skewed,longest",
                         help="comma-separated: uniform, skewed (the throughput comparisons), longest (the memory probe)")
     parser.add_argument("--longest", default="plain,gc",
@@ -314,9 +309,6 @@ def main() -> None:
         return
     if rows(1)[0]["prompt"].count(" ") != PROMPT - 1:
         raise RuntimeError("synthetic rows are malformed")
-    if args.keep_freed_memory:
-        os.environ["GLIBC_TUNABLES"] = KEEP_FREED_MEMORY  # inherited by every child run
-    print(f"malloc: {'freed memory kept (' + KEEP_FREED_MEMORY + ')' if args.keep_freed_memory else 'default'}")
     model_dir = Path(tempfile.mkdtemp()) / "model"
     build(model_dir)
     peak_gflops = pairs.matmul_gflops(args.threads)
@@ -330,7 +322,8 @@ def main() -> None:
                     "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]  # fmt: skip
 
         print(f"\n== {dataset} rows, batch {BATCH}: {a} vs {b}", flush=True)
-        comparison = pairs.run_pairs(command(a), command(b), "tokens_per_s", pairs=args.pairs, names=(a, b))
+        with pairs.malloc(args.keep_freed_memory):
+            comparison = pairs.run_pairs(command(a), command(b), "tokens_per_s", pairs=args.pairs, names=(a, b))
         print(comparison.report("{:.0f}"))
         ratios = [ra["train_mib"] / rb["train_mib"] for ra, rb in zip(comparison.runs_a, comparison.runs_b, strict=False)
                   if "train_mib" in ra and "train_mib" in rb]  # fmt: skip

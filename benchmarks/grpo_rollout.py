@@ -12,6 +12,7 @@ optional extra: ``pip install -e .[bench]``)::
     python benchmarks/grpo_rollout.py --engine vllm        # lit_pref with the vLLM engine (its venv)
     .venv-vllm/bin/python benchmarks/grpo_rollout.py --mode engines   # the vLLM engine vs the built-in one
     python benchmarks/grpo_rollout.py --mode prefill [--prompt-length 512] [--ks 1 4 8]
+    python benchmarks/grpo_rollout.py --keep-freed-memory   # glibc keeping freed memory (both sides)
 
 The sides alternate in pairs (lit_pref, TRL, lit_pref, TRL …), each run in a fresh process
 (``benchmarks/pairs.py``), so load that drifts on a shared machine lands on both sides of each
@@ -429,13 +430,14 @@ def main() -> None:
                         help="prefill mode: what shared prefill is compared with")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    pairs.add_malloc_argument(parser)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--run", choices=(*SIDES, *PREFILL_RUNS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
         child(args)
         return
-    with tempfile.TemporaryDirectory() as tmp:
+    with pairs.malloc(args.keep_freed_memory), tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "model"
         build(model, args.hidden, args.layers)
         if args.mode == "prefill":

@@ -25,14 +25,46 @@ that crashes is reported with the last line of its error output.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
+import os
 import statistics
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 PREFIX = "RESULT "
+# glibc's malloc returns blocks of 32 MiB and more to the system on every free (and trims its heap
+# top past 64 MiB), so each fresh [tokens, vocab] tensor is paid again in page faults. Thresholds
+# beyond any tensor of the throughput runs keep freed memory for reuse, as a GPU's caching allocator does.
+KEEP_FREED_MEMORY = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296"
+
+
+def add_malloc_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--keep-freed-memory`` flag of a benchmark (for :func:`malloc`)."""
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="run every child (both sides) with glibc's malloc keeping freed memory for reuse "
+                             f"(GLIBC_TUNABLES={KEEP_FREED_MEMORY})")  # fmt: skip
+
+
+@contextlib.contextmanager
+def malloc(keep_freed_memory: bool) -> Iterator[None]:
+    """The allocator of the child runs started within it (they inherit the environment): glibc's
+    default, or with ``keep_freed_memory`` its :data:`KEEP_FREED_MEMORY` thresholds, after any
+    ``GLIBC_TUNABLES`` already set. Prints which."""
+    saved = os.environ.get("GLIBC_TUNABLES")
+    if keep_freed_memory:
+        os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, (saved, KEEP_FREED_MEMORY)))
+    print(f"malloc: {'freed memory kept (' + KEEP_FREED_MEMORY + ')' if keep_freed_memory else 'default'}")
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("GLIBC_TUNABLES", None)
+        else:
+            os.environ["GLIBC_TUNABLES"] = saved
 
 
 def emit(result: dict[str, Any]) -> None:
