@@ -206,15 +206,16 @@ def use_span_attention(decoder: torch.nn.Module) -> bool:
     return bool(config._attn_implementation == SPAN_SDPA)
 
 
-def check_spans_used(spans: PackedSpans, model: torch.nn.Module, window: int | None) -> None:
-    """Raise when a forward pass given ``spans`` did not run its attention on them: no layer got
-    them (the architecture does not pass its forward's keyword arguments down to its attention,
-    whose causal attention then ran across each whole packed row), or the model's sliding
-    ``window`` (from its config) never reached an attention call while an example is longer."""
-    if spans.calls == 0:
+def check_spans_used(spans: PackedSpans, model: torch.nn.Module, window: int | None, attention_layers: int) -> None:
+    """Raise when a forward pass given ``spans`` did not run its attention on them: fewer calls
+    got them than the model has ``attention_layers`` (the architecture does not pass its
+    forward's keyword arguments down to each attention, whose causal attention then ran across
+    each whole packed row), or the model's sliding ``window`` (from its config) never reached an
+    attention call while an example is longer."""
+    if spans.calls < attention_layers:
         raise ValueError(
-            f"{type(model).__name__} does not pass the packed spans down to its attention layers, so span "
-            "attention cannot keep packed examples apart: set packed_attention: mask"
+            f"{type(model).__name__} passes the packed spans down to {spans.calls} of its {attention_layers} "
+            "attention layers, so span attention cannot keep packed examples apart: set packed_attention: mask"
         )
     if window is not None and spans.longest > window and window not in spans.windows:
         raise ValueError(

@@ -504,6 +504,14 @@ def layer_types(model: torch.nn.Module) -> set[str]:
     return set(getattr(_text_config(model), "layer_types", None) or ())
 
 
+def attention_layer_count(model: torch.nn.Module) -> int:
+    """How many of ``model``'s language-model layers attend: every layer when its config lists no
+    ``layer_types`` (at least one where it does not name its depth)."""
+    config = _text_config(model)
+    kinds = getattr(config, "layer_types", None)
+    return sum(kind in _ATTENTION_LAYERS for kind in kinds) if kinds else int(getattr(config, "num_hidden_layers", 1))
+
+
 def sliding_window(model: torch.nn.Module) -> int | None:
     """The window (in tokens) of ``model``'s sliding-window attention layers; ``None`` when every
     layer attends to the whole sequence."""
@@ -702,7 +710,7 @@ def packed_logps(
             input_ids=batch["packed_input_ids"], position_ids=batch["packed_position_ids"], use_cache=False, **inputs
         ).last_hidden_state
     if attention == "spans":
-        check_spans_used(spans, model, window)
+        check_spans_used(spans, model, window, attention_layer_count(decoder))
     completion_states = hidden.flatten(0, 1)[batch["packed_source"]]
     counted = batch.get("completion_mask", batch["completion_attention_mask"])
     return hidden_logps(head, completion_states, batch["completion_input_ids"], counted, **head_kwargs)

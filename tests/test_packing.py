@@ -319,14 +319,17 @@ def test_span_attention_needs_sdpa_and_a_decoder_that_passes_it_the_spans(tiny_l
     packed = batch_of(module, target, packing=True)
     with pytest.raises(ValueError, match="span attention runs on sdpa attention"):
         batch_logps(module.policy, packed, packed_attention="spans")
-    module, _ = build("dpo", tiny_lm_dir, "sdpa")
-    for layer in module.policy.model.layers:  # an architecture whose layers drop their keyword arguments
-        attention_forward = layer.self_attn.forward
-        monkeypatch.setattr(
-            layer.self_attn, "forward", lambda *a, _f=attention_forward, packed_spans=None, **k: _f(*a, **k)
-        )
-    with torch.no_grad(), pytest.raises(ValueError, match="does not pass the packed spans"):
-        batch_logps(module.policy, packed)
+    for dropping in (slice(None), slice(1)):  # an architecture whose layers (or one) drop their keyword arguments
+        module, _ = build("dpo", tiny_lm_dir, "sdpa")
+        layers = module.policy.model.layers
+        for layer in layers[dropping]:
+            attention_forward = layer.self_attn.forward
+            monkeypatch.setattr(
+                layer.self_attn, "forward", lambda *a, _f=attention_forward, packed_spans=None, **k: _f(*a, **k)
+            )
+        used = len(layers) - len(layers[dropping])
+        with torch.no_grad(), pytest.raises(ValueError, match=f"passes the packed spans down to {used} of its {len(layers)}"):
+            batch_logps(module.policy, packed)
 
 
 def test_packed_attention_modes_refuse_what_they_cannot_run(tiny_lm_dir, tokenizer):
