@@ -72,6 +72,19 @@ def loss_and_grads(module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.T
     return loss.detach(), {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.grad is not None}
 
 
+def assert_packed_equals_padded(module, padded: dict, packed: dict) -> torch.Tensor:
+    """The packed batch's loss and every policy gradient equal the padded one's (1e-5), among
+    gradients large enough to differ; returns the packed loss."""
+    loss_padded, grads_padded = loss_and_grads(module, padded)
+    loss_packed, grads_packed = loss_and_grads(module, packed)
+    torch.testing.assert_close(loss_packed, loss_padded, rtol=0, atol=1e-5)
+    assert grads_padded.keys() == grads_packed.keys() and grads_padded
+    assert max(float(g.abs().max()) for g in grads_padded.values()) > 1e-3  # gradients that can differ
+    for key, grad in grads_padded.items():
+        torch.testing.assert_close(grads_packed[key], grad, rtol=0, atol=1e-5, msg=key)
+    return loss_packed
+
+
 @pytest.mark.parametrize(("attn", "packed_attention"), [("sdpa", "auto"), ("sdpa", "mask"), ("eager", "auto")])
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_packed_loss_and_gradients_equal_the_padded_ones(name, attn, packed_attention, tiny_lm_dir):
@@ -81,16 +94,10 @@ def test_packed_loss_and_gradients_equal_the_padded_ones(name, attn, packed_atte
     # The packed layout computes fewer positions than the padded one (no padding, prompts once).
     padded_positions = padded["prompt_input_ids"].numel() + padded["completion_input_ids"].numel()
     assert int(packed["packed_sequence_ids"].ge(0).sum()) < 0.8 * padded_positions
-    loss_padded, grads_padded = loss_and_grads(module, padded)
-    loss_packed, grads_packed = loss_and_grads(module, packed)
-    torch.testing.assert_close(loss_packed, loss_padded, rtol=0, atol=1e-5)
+    assert_packed_equals_padded(module, padded, packed)
     # auto on sdpa switched the model to span attention (lit_pref.attention); mask and eager did not.
     switched = attention_implementation(module.policy) == SPAN_SDPA
     assert switched == ((attn, packed_attention) == ("sdpa", "auto"))
-    assert grads_padded.keys() == grads_packed.keys() and grads_padded
-    assert max(float(g.abs().max()) for g in grads_padded.values()) > 1e-3  # gradients that can differ
-    for key, grad in grads_padded.items():
-        torch.testing.assert_close(grads_packed[key], grad, rtol=0, atol=1e-5, msg=key)
 
 
 @pytest.mark.parametrize("packed_attention", ["spans", "mask"])
@@ -129,11 +136,7 @@ def test_sliding_windows_apply_within_each_packed_example(window, packed_attenti
         with pytest.raises(ValueError, match="more than the model's sliding attention window"):
             loss_and_grads(module, packed)
         return
-    loss_padded, grads_padded = loss_and_grads(module, padded)
-    loss_packed, grads_packed = loss_and_grads(module, packed)
-    torch.testing.assert_close(loss_packed, loss_padded, rtol=0, atol=1e-5)
-    for key, grad in grads_padded.items():
-        torch.testing.assert_close(grads_packed[key], grad, rtol=0, atol=1e-5, msg=key)
+    loss_packed = assert_packed_equals_padded(module, padded, packed)
     if packed_attention == "spans":  # masks per piece only: transformers builds no [R, 1, T, T] one for the rows
         masks: list = []
         hooks = [
@@ -227,12 +230,7 @@ def test_chunked_attention_packs_the_examples_a_chunk_holds(chunk, packed_attent
         with pytest.raises(ValueError, match="more than the model's attention chunk"):
             loss_and_grads(module, packed)
         return
-    loss_padded, grads_padded = loss_and_grads(module, padded)
-    loss_packed, grads_packed = loss_and_grads(module, packed)
-    torch.testing.assert_close(loss_packed, loss_padded, rtol=0, atol=1e-5)
-    assert grads_padded.keys() == grads_packed.keys() and max(float(g.abs().max()) for g in grads_padded.values()) > 1e-3
-    for key, grad in grads_padded.items():
-        torch.testing.assert_close(grads_packed[key], grad, rtol=0, atol=1e-5, msg=key)
+    assert_packed_equals_padded(module, padded, packed)
 
 
 def test_a_packed_dpo_run_matches_the_padded_run_step_for_step(tiny_lm_dir, tmp_path):
