@@ -45,7 +45,7 @@ KEEP_FREED_MEMORY = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_th
 def add_malloc_argument(parser: argparse.ArgumentParser) -> None:
     """The ``--keep-freed-memory`` flag of a benchmark (for :func:`malloc`)."""
     parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="run every child (both sides) with glibc's malloc keeping freed memory for reuse "
+                        help="run the compared children (both sides) with glibc's malloc keeping freed memory for reuse "
                              f"(GLIBC_TUNABLES={KEEP_FREED_MEMORY})")  # fmt: skip
 
 

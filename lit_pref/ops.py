@@ -498,18 +498,18 @@ _ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention", "chunked_a
 _TOKENWISE_LAYERS = frozenset({"mlp", "moe", "dense", "sparse"})
 
 
-def layer_types(model: torch.nn.Module) -> set[str]:
-    """The kinds of layer ``model``'s language model stacks (its config's ``layer_types``; empty
-    for a config that does not list them, as older all-attention ones)."""
-    return set(getattr(_text_config(model), "layer_types", None) or ())
+def layer_types(model: torch.nn.Module) -> list[str]:
+    """The kind of each layer ``model``'s language model stacks, in order (its config's
+    ``layer_types``; empty for a config that does not list them, as older all-attention ones)."""
+    return list(getattr(_text_config(model), "layer_types", None) or ())
 
 
 def attention_layer_count(model: torch.nn.Module) -> int:
     """How many of ``model``'s language-model layers attend: every layer when its config lists no
     ``layer_types`` (at least one where it does not name its depth)."""
-    config = _text_config(model)
-    kinds = getattr(config, "layer_types", None)
-    return sum(kind in _ATTENTION_LAYERS for kind in kinds) if kinds else int(getattr(config, "num_hidden_layers", 1))
+    if kinds := layer_types(model):
+        return sum(kind in _ATTENTION_LAYERS for kind in kinds)
+    return int(getattr(_text_config(model), "num_hidden_layers", 1))
 
 
 def sliding_window(model: torch.nn.Module) -> int | None:
@@ -530,7 +530,7 @@ def takes_own_causal_mask(decoder: torch.nn.Module) -> bool:
     read it to skip padding; a 4-D mask would reach them unchanged)."""
     if getattr(decoder, "config", None) is None or not takes_dense_mask(decoder):
         return False
-    return sliding_window(decoder) is None and layer_types(decoder) <= {"full_attention"} | _TOKENWISE_LAYERS
+    return sliding_window(decoder) is None and set(layer_types(decoder)) <= {"full_attention"} | _TOKENWISE_LAYERS
 
 
 def check_packable(model: torch.nn.Module, longest_example: Callable[[], int]) -> None:
@@ -551,7 +551,7 @@ def check_packable(model: torch.nn.Module, longest_example: Callable[[], int]) -
         longest_example: the batch's longest example (a prompt and one of its completions), in
             tokens; called only for a model with chunked layers.
     """
-    kinds = layer_types(model)
+    kinds = set(layer_types(model))
     if mixing := sorted(kinds - _ATTENTION_LAYERS - _TOKENWISE_LAYERS):
         raise ValueError(
             "packing keeps examples apart in full, sliding-window and chunked attention only; this model also has "
